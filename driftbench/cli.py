@@ -1,0 +1,189 @@
+"""`driftbench` — one command line for every pipeline stage (dvc.yaml calls exactly these).
+
+Run from the repository root; paths come from params.yaml (see driftbench/params.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from driftbench.params import get_profile, load_params, parse_cell
+
+EPILOG = """stages, in pipeline order (all read params.yaml):
+  driftbench dataset build                  canonical cases.jsonl + card from the paper release (paper-v1)
+  driftbench dataset subset -p embedded     stratified, seeded case subset of a profile
+  driftbench model prepare  -p embedded     embedded GGUF -> fp32 safetensors in models/<name>
+  driftbench evaluate pre   -p embedded     pre-edit scores, once per model, shared by every editor
+  driftbench run-cell       -p embedded -c rome+sadr   edit -> score -> restore for every case of one cell
+  driftbench aggregate      -p embedded     results/summary.json (+ .md) from result files only
+Every long stage resumes where it stopped; kill it at any time."""
+
+
+def _card(params) -> dict:
+    path = Path(params["data"]["out"]) / "card.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run `driftbench dataset build` first")
+    return json.loads(path.read_text())
+
+
+def _subset_cases(params, profile):
+    from data_pipeline.dataset import load_cases
+
+    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+    sp = profile.subset_path()
+    if not sp.is_file():
+        raise SystemExit(f"{sp} not found: run `driftbench dataset subset -p {profile.name}` first")
+    ids = json.loads(sp.read_text())["case_ids"]
+    by_id = {c.case_id: c for c in cases}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise SystemExit(f"{sp} names case {missing[0]} which is not in the dataset: rerun `driftbench dataset subset`")
+    return [by_id[i] for i in ids]
+
+
+def _load(profile, model_name):
+    import torch
+
+    from model_layer.loading import load_model
+
+    torch.manual_seed(0)
+    name, m = profile.model(model_name)
+    prepared = profile.prepared_model_dir(name)
+    ref = str(prepared) if prepared.is_dir() else m["ref"]
+    model, tok = load_model(ref, dtype=m.get("dtype", "float32"), device=profile.raw.get("device", "cpu"),
+                            revision=m.get("revision"))
+    return name, model, tok
+
+
+def cmd_dataset_build(args, params):
+    from data_pipeline.dataset import build_dataset, resolve_mirror
+
+    d = params["data"]
+    card = build_dataset(resolve_mirror(d["mirror"]), d["release"], d["release_sha256"], d["version"], Path(d["out"]))
+    print(f"dataset {card['version']} (content id {card['content_id']}): {card['n_cases']} cases -> {d['out']}")
+
+
+def cmd_dataset_subset(args, params):
+    from data_pipeline.dataset import load_cases
+    from data_pipeline.subset import stratified_subset, write_subset
+
+    profile = get_profile(params, args.profile)
+    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+    size = int(profile.raw.get("subset_size", 0)) or len(cases)
+    seed = int(profile.raw.get("seed", 0))
+    ids = stratified_subset(cases, size, seed)
+    write_subset(ids, profile.subset_path(), seed=seed)
+    print(f"subset {profile.name}: {len(ids)} cases (seed {seed}) -> {profile.subset_path()}")
+
+
+def cmd_model_prepare(args, params):
+    from model_layer.loading import prepare_model
+
+    profile = get_profile(params, args.profile)
+    name, m = profile.model(args.model)
+    prov = prepare_model(m["ref"], profile.prepared_model_dir(name), dtype=m.get("dtype", "float32"))
+    print(f"prepared {name}: {prov['n_params']:,} parameters -> {profile.prepared_model_dir(name)}")
+
+
+def cmd_evaluate_pre(args, params):
+    from evaluators.harness import run_pre
+
+    profile = get_profile(params, args.profile)
+    cases = _subset_cases(params, profile)[: args.limit or None]
+    name, model, tok = _load(profile, args.model)
+    rows = run_pre(model, tok, name, _card(params)["content_id"], cases, profile.pre_path(name),
+                   batch_size=int(profile.raw.get("batch_size", 32)), progress=not args.no_progress)
+    print(f"pre-edit scores for {len(rows)} cases -> {profile.pre_path(name)}")
+
+
+def cmd_run_cell(args, params):
+    from evaluators.harness import CellSpec, run_cell
+
+    profile = get_profile(params, args.profile)
+    editor, sadr = parse_cell(args.cell)
+    cases = _subset_cases(params, profile)[: args.limit or None]
+    name, model, tok = _load(profile, args.model)
+    hparams = (profile.raw.get("hparams", {}).get(name, {}) or {}).get(editor, {})
+    spec = CellSpec(profile.name, name, editor, sadr, hparams)
+    out = profile.cell_path(name, args.cell)
+    rows = run_cell(model, tok, spec, _card(params)["content_id"], cases, profile.pre_path(name), out,
+                    batch_size=int(profile.raw.get("batch_size", 32)), verify_restore=args.verify_restore,
+                    progress=not args.no_progress)
+    print(f"{spec.cell_id}: {len(rows)} cases -> {out}")
+
+
+def cmd_aggregate(args, params):
+    from evaluators.aggregate import aggregate, format_table
+
+    profile = get_profile(params, args.profile)
+    files = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("cells", [])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"missing result files {missing}: run their `driftbench run-cell` stages first")
+    summary = aggregate(files, Path(args.out_json), Path(args.out_md))
+    print(format_table(summary))
+    print(f"\nwrote {args.out_json} and {args.out_md}")
+
+
+def cmd_editors(args, params):
+    from editors.base import available_editors
+
+    print("\n".join(available_editors()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="driftbench", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_profile(sp, model=True):
+        sp.add_argument("-p", "--profile", default="embedded", help="profile in params.yaml (default: embedded)")
+        if model:
+            sp.add_argument("-m", "--model", default=None, help="model key of the profile (default: its only model)")
+        return sp
+
+    ds = sub.add_parser("dataset", help="build the canonical dataset or a profile's subset").add_subparsers(
+        dest="action", required=True)
+    ds.add_parser("build", help="verify the release's sha256 and write cases.jsonl, piqa.jsonl and the dataset card"
+                  ).set_defaults(func=cmd_dataset_build)
+    with_profile(ds.add_parser("subset", help="write the profile's stratified, seeded case subset"), model=False
+                 ).set_defaults(func=cmd_dataset_subset)
+
+    md = sub.add_parser("model", help="model preparation").add_subparsers(dest="action", required=True)
+    with_profile(md.add_parser("prepare", help="convert a model (the embedded GGUF) once to fp32 safetensors")
+                 ).set_defaults(func=cmd_model_prepare)
+
+    ev = sub.add_parser("evaluate", help="pre-edit evaluation").add_subparsers(dest="action", required=True)
+    pre = with_profile(ev.add_parser("pre", help="score every case of the subset on the unedited model (resumable)"))
+    pre.add_argument("--limit", type=int, default=0, help="only the first N cases (smoke tests)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=cmd_evaluate_pre)
+
+    rc = with_profile(sub.add_parser("run-cell", help="edit, score and restore every case of one cell (resumable)"))
+    rc.add_argument("-c", "--cell", required=True, help="editor name, with '+sadr' for the SADR variant (e.g. rome+sadr)")
+    rc.add_argument("--verify-restore", action="store_true",
+                    help="checksum all parameters after each restore and stop if they differ from the original")
+    rc.add_argument("--limit", type=int, default=0, help="only the first N cases (smoke tests)")
+    rc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rc.set_defaults(func=cmd_run_cell)
+
+    ag = with_profile(sub.add_parser("aggregate", help="summary tables with 95%% CIs from result files only"), model=False)
+    ag.add_argument("--out-json", default="results/summary.json")
+    ag.add_argument("--out-md", default="results/summary.md")
+    ag.set_defaults(func=cmd_aggregate)
+
+    sub.add_parser("editors", help="list available editors (built-in and plugins)").set_defaults(func=cmd_editors)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args, load_params(args.params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

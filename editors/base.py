@@ -1,0 +1,71 @@
+"""The `Editor` protocol, edit handles with exact restore, and the registry (built-ins + entry points).
+
+An editor is ``edit(model, tok, case, hparams) -> EditHandle``. The handle's ``restore()`` must leave every
+touched tensor bit-identical to before the edit (checked per case by the harness behind ``--verify-restore``).
+Third-party editors register under the entry-point group ``driftbench.editors`` (``name = "pkg.module:Class"``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Protocol
+
+import torch
+
+from data_pipeline.schema import Case
+
+
+@dataclass
+class EditHandle:
+    """Originals of the tensors an edit overwrote (copied before writing); ``restore`` copies them back."""
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    restored: bool = False
+
+    def save(self, name: str, param: torch.nn.Parameter) -> None:
+        """Record ``param`` before the first write to it (later calls for the same name are no-ops)."""
+        if name not in self.originals:
+            self.originals[name] = param.detach().clone()
+            self.params[name] = param
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, orig in self.originals.items():
+                self.params[name].copy_(orig)
+        self.restored = True
+
+
+class Editor(Protocol):
+    name: str
+    supports_sadr: bool
+
+    def edit(self, model: torch.nn.Module, tok, case: Case, hparams: dict[str, Any]) -> EditHandle: ...
+
+
+class NoEdit:
+    """The unedited baseline: post-edit scores are the model's own (a determinism check for the harness)."""
+    name = "none"
+    supports_sadr = False
+
+    def edit(self, model, tok, case, hparams) -> EditHandle:
+        return EditHandle()
+
+
+_BUILTINS: dict[str, Callable[[], Editor]] = {"none": NoEdit}
+
+
+def available_editors() -> list[str]:
+    names = set(_BUILTINS)
+    names.update(ep.name for ep in entry_points(group="driftbench.editors"))
+    return sorted(names)
+
+
+def get_editor(name: str) -> Editor:
+    if name in _BUILTINS:
+        return _BUILTINS[name]()
+    for ep in entry_points(group="driftbench.editors"):
+        if ep.name == name:
+            return ep.load()()
+    raise KeyError(f"unknown editor {name!r}; available: {available_editors()}. "
+                   "Third-party editors register an entry point in the group 'driftbench.editors'.")

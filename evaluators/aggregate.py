@@ -1,0 +1,207 @@
+"""Aggregate per-case result files into ``summary.json`` and ``summary.md`` (reference-spec §2.7) — no torch.
+
+Input: result JSONL files, one per cell (cell id ``"<profile>/<model>/<editor>"``, editor possibly ending in
+``"+sadr"``; every row of a file must carry the same cell id). For every cell and every requested protocol the
+post-edit rows are scored with :func:`evaluators.metrics.score_cell`. The pre-edit (unedited model) scores are
+reported once per ``<profile>/<model>``: they are scored over the union of the cases of all that model's cells
+(pre-edit results are shared by every editor of a model, so a case that appears in two cells must carry identical
+``pre`` probes; anything else means the files come from different pre-edit runs and is an error).
+
+``summary.json`` (fractions in [0, 1]; sorted keys; usable as DVC metrics)::
+
+    {"protocol_ids": ["paper", "lm-eval"],
+     "protocols": {"paper": "<equations>", "lm-eval": "<equations>"},
+     "cells": {"<profile>/<model>/<editor>": {
+         "profile": str, "model": str, "editor": str, "base_editor": str, "sadr": bool,
+         "n_cases": int, "source": "<file name>",
+         "paper":   {"protocol": "paper", "n_cases": int, "AvgS": float|null,
+                     "ES": {"mean": float|null, "ci95": float|null, "n": int}, ..., "EM": {...}, ...},
+         "lm-eval": {"protocol": "lm-eval", ...same without magnitudes...}}},
+     "pre": {"<profile>/<model>": {
+         "profile": str, "model": str, "editor": "pre (unedited)", "n_cases": int, "cells": [cell ids],
+         "paper": {...}, "lm-eval": {...}}}}
+
+``summary.md``: one Markdown table per (model, protocol); rows = pre first, then the cells sorted by base editor
+name with ``+sadr`` right after its base; entries ``mean*100(ci95*100)`` with 2 decimals, just ``mean*100`` when
+the interval is undefined (one prompt) and Avg.S, "–" when there are no prompts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from driftbench.io import atomic_write_json, atomic_write_text, read_jsonl
+from evaluators.metrics import AVG_S_METRICS, MAGNITUDES, get_protocol, score_cell
+
+PRE_LABEL = "pre (unedited)"
+SADR_SUFFIX = "+sadr"
+MISSING = "–"  # en dash
+# table columns (paper metric names); SAS and DRS are in summary.json but not in the tables, like the paper
+TABLE_METRICS: tuple[str, ...] = ("ES", "PS", "NS", "RS", "DNS", "RES", "OS", "DOS")
+assert set(AVG_S_METRICS) <= set(TABLE_METRICS)
+
+
+def parse_cell_id(cell: str) -> dict:
+    """``"<profile>/<model>/<editor>"`` → parts; the model part may itself contain "/" (hub ids like org/name)."""
+    parts = cell.split("/") if isinstance(cell, str) else []
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"cell id {cell!r} is not of the form '<profile>/<model>/<editor>'")
+    profile, model, editor = parts[0], "/".join(parts[1:-1]), parts[-1]
+    sadr = editor.endswith(SADR_SUFFIX)
+    base = editor[: -len(SADR_SUFFIX)] if sadr else editor
+    if not base:
+        raise ValueError(f"cell id {cell!r} has an empty editor name")
+    return {"profile": profile, "model": model, "editor": editor, "base_editor": base, "sadr": sadr}
+
+
+def _load_cell(path: Path) -> tuple[str, list[dict]]:
+    rows = list(read_jsonl(path))
+    if not rows:
+        raise ValueError(f"{path}: result file has no rows, so it names no cell")
+    for no, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {no} is not a JSON object")
+    cells = {row.get("cell") for row in rows}
+    if len(cells) != 1:
+        raise ValueError(f"{path}: rows of one result file must share one cell id, found {sorted(map(str, cells))}")
+    cell = rows[0]["cell"]
+    if cell is None:
+        raise ValueError(f"{path}: rows lack the 'cell' field")
+    seen: set = set()
+    for row in rows:
+        cid = row.get("case_id")
+        if cid is None:
+            raise ValueError(f"{path}: cell {cell!r}: a row lacks the 'case_id' field")
+        if cid in seen:
+            raise ValueError(f"{path}: cell {cell!r}: case_id {cid!r} appears twice; it would be counted twice")
+        seen.add(cid)
+    return cell, rows
+
+
+def _editor_order(info: Mapping) -> tuple:
+    return (info["base_editor"], info["sadr"], info["editor"])
+
+
+def aggregate(result_files: Iterable[Path], out_json: Path, out_md: Path,
+              protocols: Iterable[str] = ("paper", "lm-eval")) -> dict:
+    """Score every result file under every protocol; write ``out_json`` and ``out_md`` atomically; return the summary."""
+    protos = [get_protocol(p) for p in protocols]
+    if not protos:
+        raise ValueError("aggregate needs at least one metric protocol")
+    by_cell: dict[str, tuple[Path, list[dict]]] = {}
+    for path in sorted(Path(p) for p in result_files):
+        cell, rows = _load_cell(path)
+        if cell in by_cell:
+            raise ValueError(f"{path}: cell {cell!r} is also in {by_cell[cell][0]}; give each cell one result file")
+        by_cell[cell] = (path, rows)
+
+    cells: dict[str, dict] = {}
+    pre_rows: dict[str, dict] = {}          # model key -> case_id -> row
+    pre_from: dict[str, dict] = {}          # model key -> case_id -> cell that supplied its pre
+    pre_cells: dict[str, list[str]] = {}
+    for cell in sorted(by_cell):
+        path, rows = by_cell[cell]
+        info = parse_cell_id(cell)
+        entry = dict(info, n_cases=len(rows), source=path.name)
+        for proto in protos:
+            entry[proto.id] = score_cell(rows, phase="post", protocol=proto)
+        cells[cell] = entry
+        mkey = f"{info['profile']}/{info['model']}"
+        pre_cells.setdefault(mkey, []).append(cell)
+        known, origin = pre_rows.setdefault(mkey, {}), pre_from.setdefault(mkey, {})
+        for row in rows:
+            cid = row["case_id"]
+            if cid in known:
+                if known[cid].get("pre") != row.get("pre"):
+                    raise ValueError(
+                        f"{path}: case_id {cid!r} has pre-edit probes that differ from those in cell "
+                        f"{origin[cid]!r}; pre-edit results are shared per model, so these files come from different "
+                        f"pre-edit runs; recompute one of them")
+                continue
+            known[cid] = row
+            origin[cid] = cell
+
+    pre: dict[str, dict] = {}
+    for mkey in sorted(pre_rows):
+        profile, model = mkey.split("/", 1)
+        rows = list(pre_rows[mkey].values())
+        entry = {"profile": profile, "model": model, "editor": PRE_LABEL, "n_cases": len(rows),
+                 "cells": sorted(pre_cells[mkey])}
+        for proto in protos:
+            entry[proto.id] = score_cell(rows, phase="pre", protocol=proto)
+        pre[mkey] = entry
+
+    summary = {
+        "protocol_ids": [p.id for p in protos],
+        "protocols": {p.id: p.doc for p in protos},
+        "cells": cells,
+        "pre": pre,
+    }
+    atomic_write_json(out_json, summary)
+    atomic_write_text(out_md, render_markdown(summary))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- Markdown
+def format_value(value: float | None, ci: float | None = None) -> str:
+    """``mean*100(ci*100)`` with 2 decimals, e.g. "20.86(1.90)"; "20.86" without an interval; "–" when missing."""
+    if value is None:
+        return MISSING
+    text = f"{value * 100:.2f}"
+    return f"{text}({ci * 100:.2f})" if ci is not None else text
+
+
+def _columns(protocol_id: str) -> list[str]:
+    cols = list(TABLE_METRICS) + ["Avg.S"]
+    if get_protocol(protocol_id).magnitude is not None:
+        cols += list(MAGNITUDES)
+    return cols
+
+
+def _row(label: str, scores: Mapping | None, cols: list[str], n_cases: int) -> str:
+    cells = [label]
+    for col in cols:
+        if scores is None:
+            cells.append(MISSING)
+        elif col == "Avg.S":
+            cells.append(format_value(scores.get("AvgS")))
+        else:
+            m = scores.get(col) or {}
+            cells.append(format_value(m.get("mean"), m.get("ci95")))
+    cells.append(str(n_cases))
+    return "| " + " | ".join(cells) + " |"
+
+
+def format_table(summary: Mapping) -> str:
+    """All Markdown tables of a summary: one per (``<profile>/<model>``, protocol), models sorted, protocols in
+    ``summary["protocol_ids"]`` order. Values are percentages: ``mean(95% half-width)``."""
+    models: dict[str, list[tuple[str, Mapping]]] = {}
+    for cell, info in summary.get("cells", {}).items():
+        models.setdefault(f"{info['profile']}/{info['model']}", []).append((cell, info))
+    for mkey in summary.get("pre", {}):
+        models.setdefault(mkey, [])
+    blocks = []
+    for mkey in sorted(models):
+        entries = sorted(models[mkey], key=lambda ci: _editor_order(ci[1]))
+        pre = summary.get("pre", {}).get(mkey)
+        for pid in summary["protocol_ids"]:
+            cols = _columns(pid)
+            lines = [f"### {mkey} — protocol `{pid}`", "",
+                     "| editor | " + " | ".join(cols) + " | cases |",
+                     "|---|" + "---:|" * (len(cols) + 1)]
+            if pre is not None:
+                lines.append(_row(PRE_LABEL, pre.get(pid), cols, pre["n_cases"]))
+            for _, info in entries:
+                lines.append(_row(info["editor"], info.get(pid), cols, info["n_cases"]))
+            blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+def render_markdown(summary: Mapping) -> str:
+    """The full ``summary.md``: a title, the protocol definitions, then :func:`format_table`."""
+    head = ["# driftbench results", "",
+            "Entries are percentages: `mean(95% CI half-width)` over all prompts of all cases (micro-average); "
+            "Avg.S = harmonic mean of ES, PS, NS, RS, DNS; “–” = no prompts. Protocols:", ""]
+    for pid in summary["protocol_ids"]:
+        head.append(f"- `{pid}`: {summary.get('protocols', {}).get(pid, get_protocol(pid).doc)}")
+    return "\n".join(head) + "\n\n" + format_table(summary)

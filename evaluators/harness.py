@@ -1,0 +1,139 @@
+"""The per-cell harness: pre-edit scoring per model, and edit → score → restore per cell (reference-spec §2.1).
+
+Reliability contract (design.md §6):
+- one JSON line per case, appended and fsynced (`driftbench.io.AppendLog`); a torn last line from ``kill -9``
+  is dropped on the next start, so nothing is lost or duplicated;
+- resume skips case ids already done *with the same fingerprint* (model, dataset content id, editor, SADR flag,
+  hparams); rows of another fingerprint or of cases no longer in the subset are discarded;
+- when all cases are done the file is rewritten atomically in subset order, so the final file is
+  byte-identical whatever the history of interruptions. Timings (which vary run to run) go to a sidecar
+  ``*.timings.jsonl`` so the results file itself stays reproducible.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from data_pipeline.schema import Case
+from driftbench.io import AppendLog, atomic_write_jsonl, dumps_line, read_jsonl, sha256_text
+
+
+@dataclass
+class CellSpec:
+    profile: str
+    model_name: str
+    editor: str
+    sadr: bool = False
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cell_id(self) -> str:
+        return f"{self.profile}/{self.model_name}/{self.editor}{'+sadr' if self.sadr else ''}"
+
+
+def environment(model) -> dict[str, Any]:
+    """Deterministic description of where the numbers came from (no host names, no timestamps)."""
+    import lm_eval
+    import torch
+    import transformers
+
+    p = next(model.parameters())
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
+            "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", "")}
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return sha256_text(dumps_line(parts))[:16]
+
+
+def _resumable_loop(out_path: Path, cases: list[Case], fp: str, compute: Callable[[Case], tuple[dict, dict]],
+                    desc: str, progress: bool = True) -> list[dict]:
+    """Run ``compute(case) -> (row, timings)`` for every case not yet done; returns all rows in case order."""
+    from tqdm.auto import tqdm
+
+    wanted = {c.case_id for c in cases}
+    log = AppendLog(out_path)
+    keep = [r for r in log.rows if r.get("fingerprint") == fp and r.get("case_id") in wanted]
+    if len(keep) != len(log.rows):  # stale rows (other config or subset): drop them atomically
+        log.close()
+        atomic_write_jsonl(out_path, keep)
+        log = AppendLog(out_path)
+    done = {r["case_id"] for r in log.rows}
+    todo = [c for c in cases if c.case_id not in done]
+    timings = AppendLog(out_path.with_name(out_path.stem + ".timings.jsonl"))
+    bar = tqdm(total=len(cases), initial=len(done), desc=desc, unit="case", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    try:
+        for case in todo:
+            row, tim = compute(case)
+            row["fingerprint"] = fp
+            log.append(row)
+            timings.append({"case_id": case.case_id, "fingerprint": fp, **tim})
+            bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+        timings.close()
+    by_id = {r["case_id"]: r for r in log.rows}
+    rows = [by_id[c.case_id] for c in cases]
+    atomic_write_jsonl(out_path, rows)
+    return rows
+
+
+def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out_path: Path,
+            batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """Score every case on the unedited model once; every cell of this model reuses these rows."""
+    from evaluators.scoring import ProbeScorer
+
+    scorer = ProbeScorer(model, tok, batch_size=batch_size)
+    env = environment(model)
+    fp = fingerprint({"stage": "pre", "model": model_name, "dataset": content_id, "env": env})
+
+    def compute(case: Case):
+        t0 = time.perf_counter()
+        scores = scorer.score_case(case)
+        return ({"case_id": case.case_id, "source": case.source, "model": model_name, "scores": scores, "env": env},
+                {"score_s": time.perf_counter() - t0})
+
+    return _resumable_loop(Path(out_path), cases, fp, compute, desc=f"pre-edit {model_name}", progress=progress)
+
+
+def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre_path: Path, out_path: Path,
+             batch_size: int = 32, verify_restore: bool = False, progress: bool = True) -> list[dict]:
+    """Edit → score → restore for each case of one cell (model × editor × ±SADR)."""
+    from editors.base import get_editor
+    from evaluators.scoring import ProbeScorer
+    from model_layer.checksum import param_checksum
+
+    pre = {r["case_id"]: r["scores"] for r in read_jsonl(pre_path)}
+    missing = [c.case_id for c in cases if c.case_id not in pre]
+    if missing:
+        raise RuntimeError(f"{pre_path} lacks pre-edit scores for {len(missing)} case(s), e.g. {missing[0]}: "
+                           "run the pre-edit stage first (`driftbench evaluate pre`)")
+    editor = get_editor(spec.editor)
+    if spec.sadr and not getattr(editor, "supports_sadr", False):
+        raise ValueError(f"editor {spec.editor!r} does not support SADR")
+    hparams = dict(spec.hparams, sadr=spec.sadr)
+    scorer = ProbeScorer(model, tok, batch_size=batch_size)
+    env = environment(model)
+    fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "dataset": content_id, "hparams": hparams, "env": env})
+    before = param_checksum(model) if verify_restore else None
+
+    def compute(case: Case):
+        t0 = time.perf_counter()
+        handle = editor.edit(model, tok, case, hparams)
+        t1 = time.perf_counter()
+        post = scorer.score_case(case)
+        t2 = time.perf_counter()
+        handle.restore()
+        if verify_restore and param_checksum(model) != before:
+            raise RuntimeError(f"{spec.cell_id} {case.case_id}: weights differ after restore()")
+        row = {"cell": spec.cell_id, "case_id": case.case_id, "source": case.source, "pre": pre[case.case_id],
+               "post": post, "editor": {"name": spec.editor, "sadr": spec.sadr, "diagnostics": handle.diagnostics},
+               "env": env}
+        return row, {"edit_s": t1 - t0, "score_s": t2 - t1, "restore_s": time.perf_counter() - t2}
+
+    return _resumable_loop(Path(out_path), cases, fp, compute, desc=spec.cell_id, progress=progress)

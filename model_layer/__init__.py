@@ -1,0 +1,1 @@
+"""Shared model layer: loading (hub id / local path / embedded GGUF), architecture descriptors, attention capture."""
