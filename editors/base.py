@@ -20,7 +20,8 @@ class EditHandle:
     """Originals of the tensors an edit overwrote (copied before writing); ``restore`` copies them back."""
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # deterministic facts, stored in the result row
+    timings: dict[str, Any] = field(default_factory=dict)  # wall-clock figures, stored in the timings sidecar
     restored: bool = False
 
     def save(self, name: str, param: torch.nn.Parameter) -> None:
@@ -52,7 +53,16 @@ class NoEdit:
         return EditHandle()
 
 
-_BUILTINS: dict[str, Callable[[], Editor]] = {"none": NoEdit}
+_BUILTINS: dict[str, Callable[[], Editor] | str] = {"none": NoEdit, "rome": "editors.rome:Rome"}
+
+
+def _construct(factory: Callable[[], Editor] | str) -> Editor:
+    if isinstance(factory, str):  # "module:Class", imported only when asked for
+        import importlib
+
+        mod, cls = factory.split(":")
+        return getattr(importlib.import_module(mod), cls)()
+    return factory()
 
 
 def available_editors() -> list[str]:
@@ -63,7 +73,7 @@ def available_editors() -> list[str]:
 
 def get_editor(name: str) -> Editor:
     if name in _BUILTINS:
-        return _BUILTINS[name]()
+        return _construct(_BUILTINS[name])
     for ep in entry_points(group="driftbench.editors"):
         if ep.name == name:
             return ep.load()()

@@ -108,6 +108,8 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
     from evaluators.scoring import ProbeScorer
     from model_layer.checksum import param_checksum
 
+    if not Path(pre_path).is_file():
+        raise RuntimeError(f"{pre_path} not found: run the pre-edit stage first (`driftbench evaluate pre`)")
     pre = {r["case_id"]: r["scores"] for r in read_jsonl(pre_path)}
     missing = [c.case_id for c in cases if c.case_id not in pre]
     if missing:
@@ -134,6 +136,7 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
         row = {"cell": spec.cell_id, "case_id": case.case_id, "source": case.source, "pre": pre[case.case_id],
                "post": post, "editor": {"name": spec.editor, "sadr": spec.sadr, "diagnostics": handle.diagnostics},
                "env": env}
-        return row, {"edit_s": t1 - t0, "score_s": t2 - t1, "restore_s": time.perf_counter() - t2}
+        return row, {"edit_s": t1 - t0, "score_s": t2 - t1, "restore_s": time.perf_counter() - t2,
+                     "editor": handle.timings}
 
     return _resumable_loop(Path(out_path), cases, fp, compute, desc=spec.cell_id, progress=progress)

@@ -62,7 +62,7 @@ ARCHS: dict[str, ArchSpec] = {
         name="gpt_neox", block="gpt_neox.layers.{}", mlp="gpt_neox.layers.{}.mlp",
         mlp_in="gpt_neox.layers.{}.mlp.dense_h_to_4h", mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         attn="gpt_neox.layers.{}.attention", attn_out="gpt_neox.layers.{}.attention.dense",
-        final_norm="gpt_neox.final_layer_norm", lm_head="embed_out", embed="gpt_neox.embed_in"),
+        final_norm="gpt_neox.final_layer_norm", lm_head="lm_head", embed="gpt_neox.embed_in"),
     # Llama-2/3, TinyLlama and SmolLM2 share the Llama module layout.
     "llama": ArchSpec(name="llama", **_LLAMA_LIKE),
     # Gemma-3 text models (Gemma3ForCausalLM, model_type "gemma3_text") use the same names.

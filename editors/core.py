@@ -1,0 +1,279 @@
+"""Shared locate-then-edit core (reference-spec §4.1): used by ROME now, by MEMIT/PMET/AlphaEdit/IntAttn-Edit next.
+
+Each equation lives once here:
+- context templates: ``["{}"]`` + sampled prefixes (top-k = 5) from ["The", "Therefore", "Because", "I", "You"];
+- subject-last-token positions; key averaging k̄ = mean_j k(x_j ⊕ prompt) at the subject's last token;
+- target-vector optimisation: v* = v_init + δ minimising
+  NLL(target | x_j ⊕ prompt, δ) + ω·KL(P_δ ‖ P_0)["{subject} is a"] + wd·‖δ‖/‖v_init‖² + Σ extra losses,
+  with n iterations and n−1 Adam steps, early stop at total loss < 0.05, δ clamped to clamp·‖v_init‖;
+- the ROME rank-one update  u = C⁻¹k̄/‖C⁻¹k̄‖,  r = (v* − W k*)/(k*·u),  W ← W + r uᵀ.
+
+Deliberate deviations from the reference (documented so numbers can be compared):
+- target tokens are the continuation tokens of ``prompt + " " + target`` after ``prompt`` (the same split the
+  lm-eval scorer uses) instead of tokenising ``" " + target`` alone with a model-name switch;
+- rewriting rows are built at token level (context ids + target ids[:-1]), so labels sit exactly where the model
+  predicts them (the reference re-tokenises the decoded string and assumes it splits the same way);
+- only the logits at label and KL positions are computed (``logits_to_keep``): same values, less work;
+- C⁻¹k̄ is a float64 linear solve rather than an fp32 inverse;
+- the context templates are drawn from a seeded generator (the reference depends on the global RNG state).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.schema import Case
+
+TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """The edit prompt split around its (single) subject occurrence, so no ``str.format`` brace issues."""
+    before: str
+    subject: str
+    after: str
+    target_new: str
+
+    @property
+    def prompt(self) -> str:
+        return self.before + self.subject + self.after
+
+
+def make_request(case: Case) -> EditRequest:
+    i = case.prompt.find(case.subject)
+    if i < 0:
+        raise ValueError(f"{case.case_id}: subject {case.subject!r} not in prompt {case.prompt!r}")
+    return EditRequest(case.prompt[:i], case.subject, case.prompt[i + len(case.subject):], case.target_new)
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids with the tokenizer's default special tokens (BOS where it adds one), like the reference."""
+    return tok(text)["input_ids"]
+
+
+def target_ids(tok, prompt: str, target: str) -> list[int]:
+    """Continuation tokens of ``prompt + " " + target`` after ``prompt`` (lm-eval's split; see module doc)."""
+    ctx = encode(tok, prompt)
+    whole = encode(tok, prompt + " " + target)
+    if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
+        raise ValueError(f"tokenisation of {prompt!r} + {target!r} does not extend the prompt's tokens")
+    return whole[len(ctx):]
+
+
+def generate_context_templates(model, tok, lengths: Sequence[tuple[int, int]] = ((5, 10), (10, 10)),
+                               seed: int = 0, sep: str = ". {}", brace_fill: str = "") -> list[str]:
+    """``["{}"]`` + for each (length, n): n texts sampled top-k = 5 from the 5 prefixes (n/5 each), ``length``
+    tokens in total including the prefix; braces removed (ROME) or replaced (MEMIT), then ``sep`` appended."""
+    out = ["{}"]
+    dev = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for length, n in lengths:
+            per = max(1, n // len(TEMPLATE_PREFIXES))
+            for prefix in TEMPLATE_PREFIXES:
+                ids = torch.tensor([encode(tok, prefix)] * per, device=dev)
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
+                                     top_p=1.0, temperature=1.0, max_length=max(length, ids.shape[1] + 1),
+                                     min_length=0, pad_token_id=tok.pad_token_id, eos_token_id=None)
+                for g in gen:
+                    text = tok.decode(g, skip_special_tokens=True)
+                    out.append(text.replace("{", brace_fill).replace("}", brace_fill) + sep)
+    return out
+
+
+@dataclass
+class Batch:
+    """Right-padded rows. Rows ``[0, n_rewrite)`` are rewriting rows; the last row is the essence-KL row."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    subject_idx: torch.Tensor  # [B] subject-last position per row (where δ is injected)
+    query_idx: torch.Tensor  # [n_rewrite] last prompt token (predicts the first target token)
+    label_pos: list[list[int]]  # per rewriting row: positions whose logits predict the target tokens
+    labels: list[int]
+    n_rewrite: int
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(map(len, rows))
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def subject_rows(tok, req: EditRequest, templates: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Token ids of ``template ⊕ prompt`` per template and the subject's last-token index in each."""
+    rows, idx = [], []
+    for t in templates:
+        head, tail = t.split("{}", 1)
+        upto = head + req.before + req.subject
+        rows.append(encode(tok, upto + req.after + tail))
+        idx.append(len(encode(tok, upto)) - 1)
+    return rows, idx
+
+
+def build_batch(tok, req: EditRequest, templates: Sequence[str], device) -> Batch:
+    tgt = target_ids(tok, req.prompt, req.target_new)
+    prompt_rows, s_idx = subject_rows(tok, req, templates)
+    rows, label_pos, q_idx = [], [], []
+    for ids in prompt_rows:
+        rows.append(ids + tgt[:-1])
+        q_idx.append(len(ids) - 1)
+        label_pos.append(list(range(len(ids) - 1, len(ids) - 1 + len(tgt))))
+    kl_ids = encode(tok, req.subject + " is a")
+    rows.append(kl_ids)
+    s_idx.append(len(encode(tok, req.subject)) - 1)
+    ids, mask = _pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    return Batch(ids.to(device), mask.to(device), torch.tensor(s_idx, device=device), torch.tensor(q_idx, device=device),
+                 label_pos, tgt, len(prompt_rows))
+
+
+class ExtraLoss(Protocol):
+    """A term added to the target-vector loss. ``needs_attentions``: the loop then runs eager attention and
+    passes per-layer attention probabilities [B, H, T, T]. Return None to add nothing at this step."""
+    needs_attentions: bool
+
+    def __call__(self, step: int, attentions: tuple[torch.Tensor, ...] | None, batch: Batch) -> torch.Tensor | None: ...
+
+
+@dataclass
+class VHparams:
+    layer: int
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+
+
+@dataclass
+class VResult:
+    v_star: torch.Tensor
+    v_init: torch.Tensor
+    steps: int
+    losses: list[dict[str, float]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
+                    extra_losses: Sequence[ExtraLoss] = ()) -> VResult:
+    """The target-vector loop of ROME/MEMIT/PMET (spec §4.1 step 5) with pluggable extra loss terms."""
+    import time
+
+    dev = batch.input_ids.device
+    module = model.get_submodule(hook_module)
+    d = None
+    delta: torch.Tensor | None = None
+    v_init: torch.Tensor | None = None
+    rows = torch.arange(batch.input_ids.shape[0], device=dev)
+
+    def hook(_m, _inp, out):
+        nonlocal v_init, d
+        hs = out[0] if isinstance(out, tuple) else out
+        if v_init is None:
+            v_init = hs[0, batch.subject_idx[0]].detach().float().clone()
+        hs = hs.clone()
+        hs[rows, batch.subject_idx] = hs[rows, batch.subject_idx] + delta.to(hs.dtype)
+        return (hs,) + tuple(out[1:]) if isinstance(out, tuple) else hs
+
+    d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    delta = torch.zeros(d_model, dtype=torch.float32, device=dev, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    # logits only where needed: label positions of every rewriting row + the KL row's subject position
+    kl_row = batch.input_ids.shape[0] - 1
+    keep = sorted({p for ps in batch.label_pos for p in ps} | {int(batch.subject_idx[kl_row])})
+    col = {p: i for i, p in enumerate(keep)}
+    keep_t = torch.tensor(keep, device=dev)
+    lab_rows = torch.tensor([r for r, ps in enumerate(batch.label_pos) for _ in ps], device=dev)
+    lab_cols = torch.tensor([col[p] for ps in batch.label_pos for p in ps], device=dev)
+    lab_ids = torch.tensor([t for ps in batch.label_pos for t in batch.labels[: len(ps)]], device=dev)
+    n_t = len(batch.labels)
+    need_attn = any(e.needs_attentions for e in extra_losses)
+    prev_impl = getattr(model.config, "_attn_implementation", None)
+    if need_attn and prev_impl != "eager":
+        model.set_attn_implementation("eager")
+    handle = module.register_forward_hook(hook)
+    losses, step_s = [], []
+    kl_init = None
+    it = 0
+    try:
+        for it in range(hp.v_num_grad_steps):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep_t,
+                        output_attentions=need_attn, use_cache=False)
+            logp = F.log_softmax(out.logits.float(), dim=-1)
+            nll = -logp[lab_rows, lab_cols, lab_ids].sum() / (n_t * batch.n_rewrite)
+            kl_logp = logp[kl_row, col[int(batch.subject_idx[kl_row])]].unsqueeze(0)
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+            wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
+            loss = nll + kl + wd
+            parts = {"nll": float(nll), "kl": float(kl), "wd": float(wd)}
+            for extra in extra_losses:
+                term = extra(it, out.attentions if need_attn else None, batch)
+                if term is not None:
+                    loss = loss + term
+                    parts[type(extra).__name__] = float(term)
+            parts["total"] = float(loss)
+            losses.append(parts)
+            if loss.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                step_s.append(time.perf_counter() - t0)
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                max_norm = hp.clamp_norm_factor * v_init.norm()
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+            step_s.append(time.perf_counter() - t0)
+    finally:
+        handle.remove()
+        if need_attn and prev_impl != "eager":
+            model.set_attn_implementation(prev_impl)
+    return VResult(v_star=(v_init + delta).detach(), v_init=v_init, steps=it + 1, losses=losses, step_seconds=step_s)
+
+
+@torch.no_grad()
+def module_io_at(model, module_name: str, rows: list[list[int]], idx: Sequence[int], pad_id: int):
+    """Inputs and outputs of ``module_name`` at token ``idx[i]`` of row ``i`` → ([R, d_in], [R, d_out]) fp32."""
+    module = model.get_submodule(module_name)
+    cap: dict[str, torch.Tensor] = {}
+
+    def hook(_m, inp, out):
+        cap["in"], cap["out"] = inp[0].detach(), (out[0] if isinstance(out, tuple) else out).detach()
+
+    dev = next(model.parameters()).device
+    ids, mask = _pad(rows, pad_id)
+    h = module.register_forward_hook(hook)
+    try:
+        model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+    finally:
+        h.remove()
+    r = torch.arange(len(rows), device=dev)
+    i = torch.tensor(list(idx), device=dev)
+    return cap["in"][r, i].float(), cap["out"][r, i].float()
+
+
+def rank_one_direction(c: torch.Tensor, k_mean: torch.Tensor) -> torch.Tensor:
+    """ROME's left vector u = C⁻¹k̄ / ‖C⁻¹k̄‖ (spec §4.2), solved in float64."""
+    u = torch.linalg.solve(c.double(), k_mean.double()).float()
+    return u / u.norm()
+
+
+def rank_one_update(weight: torch.nn.Parameter, u: torch.Tensor, v_star: torch.Tensor, k_star: torch.Tensor,
+                    out_star: torch.Tensor) -> torch.Tensor:
+    """W ← W + r uᵀ with r = (v* − out*)/(k*·u), so the module maps k* exactly to v* (nn.Linear layout [out, in])."""
+    r = (v_star - out_star) / torch.dot(k_star, u)
+    delta_w = torch.outer(r, u)
+    with torch.no_grad():
+        weight.add_(delta_w.to(weight.dtype))
+    return delta_w

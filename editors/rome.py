@@ -1,0 +1,125 @@
+"""ROME — Rank-One Model Editing (Meng et al., 2022) as implemented by the SADR reference (reference-spec §4.2).
+
+1. k̄ = mean over the context templates x_j of the down-projection input at the subject's last token of x_j ⊕ p.
+2. u = C⁻¹k̄ / ‖C⁻¹k̄‖ with C = E[k kᵀ] over a text corpus (editors.stats).
+3. v* = argmin_δ of the shared target-vector loss, δ added to the MLP output at the subject's last token
+   (editors.core.optimise_target), optionally + γ·L_SADR (editors.sadr).
+4. With k*, out* the down-projection's input/output for the bare prompt: W ← W + r uᵀ, r = (v* − out*)/(k*·u).
+
+Reference quirks kept because they change numbers: 21 flat templates (bare + 10 of 5 tokens + 10 of 10 tokens);
+the bare-prompt key (not k̄) in r; ‖δ‖ (not ‖δ‖²) in the weight decay; n iterations with n−1 Adam steps;
+essence KL = KL(new ‖ init) at the subject's last token of "{subject} is a"; δ injected in every row (KL row too).
+Deviations: see editors/core.py (target tokenisation, seeded templates, float64 solve).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.schema import Case
+from editors.base import EditHandle
+from editors.core import (VHparams, build_batch, generate_context_templates, make_request, module_io_at,
+                          optimise_target, rank_one_direction, rank_one_update, subject_rows)
+from editors.sadr import SADRLoss
+from editors.stats import StatsKey, load_or_compute, wikitext_articles
+from model_layer.arch import arch_for
+
+
+@dataclass
+class RomeHparams(VHparams):
+    template_lengths: tuple = ((5, 10), (10, 10))
+    template_seed: int = 0
+    # SADR (used only when hparams["sadr"] is true): γ = CLI weight × 1e-4 in the reference; steps replace v_num_grad_steps
+    sadr_gamma: float = 1e-2
+    sadr_steps: int = 80
+    sadr_hinge: bool = True
+    # second-moment statistics
+    stats_dir: str = "stats"
+    stats_corpus: str = "../shared/data/wikitext-2-raw/wiki.test.raw"
+    stats_corpus_sha256: str = ""
+    stats_tokens: int = 100_000
+    stats_max_len: int = 1024
+    model_id: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RomeHparams":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names - {"sadr"}
+        if unknown:
+            raise ValueError(f"unknown ROME hyper-parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        if "layer" not in d:
+            raise ValueError("ROME needs hparams 'layer' (the edited MLP layer)")
+        kw = {k: v for k, v in d.items() if k in names}
+        if "template_lengths" in kw:
+            kw["template_lengths"] = tuple(tuple(x) for x in kw["template_lengths"])
+        return cls(**kw)
+
+
+class Rome:
+    name = "rome"
+    supports_sadr = True
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple, list[str]] = {}
+        self._cov: dict[tuple, Any] = {}
+
+    def templates(self, model, tok, hp: RomeHparams) -> list[str]:
+        key = (id(model), hp.template_lengths, hp.template_seed)
+        if key not in self._templates:
+            self._templates[key] = generate_context_templates(model, tok, hp.template_lengths, hp.template_seed)
+        return self._templates[key]
+
+    def covariance(self, model, tok, module: str, hp: RomeHparams):
+        key = StatsKey(model_id=hp.model_id or str(getattr(model, "name_or_path", "")), module=module,
+                       corpus_sha256=hp.stats_corpus_sha256 or Path(hp.stats_corpus).name, max_tokens=hp.stats_tokens,
+                       max_len=hp.stats_max_len)
+        if key not in self._cov:
+            self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok,
+                                             lambda: wikitext_articles(hp.stats_corpus), progress=False)
+        return self._cov[key]
+
+    def edit(self, model, tok, case: Case, hparams: dict[str, Any]) -> EditHandle:
+        import time
+
+        hp = RomeHparams.from_dict(hparams)
+        sadr = bool(hparams.get("sadr"))
+        arch = arch_for(model)
+        mlp_out = arch.layer("mlp_out", hp.layer)
+        dev = next(model.parameters()).device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        t = {"start": time.perf_counter()}
+
+        c = self.covariance(model, tok, mlp_out, hp).to(dev)
+        t["stats"] = time.perf_counter()
+        templates = self.templates(model, tok, hp)
+        t["templates"] = time.perf_counter()
+        req = make_request(case)
+        rows, s_idx = subject_rows(tok, req, templates)
+        keys, _ = module_io_at(model, mlp_out, rows, s_idx, pad)
+        u = rank_one_direction(c, keys.mean(0))
+        batch = build_batch(tok, req, templates, dev)
+        extras = [SADRLoss(hp.sadr_gamma, hinge=hp.sadr_hinge, first_layer=hp.layer + 1)] if sadr else []
+        vhp = VHparams(layer=hp.layer, v_num_grad_steps=hp.sadr_steps if sadr else hp.v_num_grad_steps, v_lr=hp.v_lr,
+                       v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
+                       kl_factor=hp.kl_factor, early_stop_loss=hp.early_stop_loss)
+        t["keys"] = time.perf_counter()
+        res = optimise_target(model, batch, arch.layer("mlp", hp.layer), vhp, extras)
+        t["optimise"] = time.perf_counter()
+        k_star, out_star = module_io_at(model, mlp_out, rows[:1], s_idx[:1], pad)
+        handle = EditHandle()
+        weight = model.get_submodule(mlp_out).weight
+        handle.save(f"{mlp_out}.weight", weight)
+        dw = rank_one_update(weight, u, res.v_star, k_star[0], out_star[0])
+        t["update"] = time.perf_counter()
+        handle.diagnostics = {
+            "layer": hp.layer, "steps": res.steps, "final_loss": res.losses[-1],
+            "delta_norm": float((res.v_star - res.v_init).norm()), "v_init_norm": float(res.v_init.norm()),
+            "update_norm": float(dw.norm()),
+        }
+        handle.timings = {"stats_s": t["stats"] - t["start"], "templates_s": t["templates"] - t["stats"],
+                       "keys_s": t["keys"] - t["templates"], "optimise_s": t["optimise"] - t["keys"],
+                       "update_s": t["update"] - t["optimise"], "step_s": res.step_seconds}
+        if extras:
+            handle.diagnostics["sadr_selected_heads"] = extras[0].selected
+        return handle
