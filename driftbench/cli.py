@@ -16,6 +16,7 @@ EPILOG = """stages, in pipeline order (all read params.yaml):
   driftbench dataset subset -p embedded     stratified, seeded case subset of a profile
   driftbench model prepare  -p embedded     embedded GGUF -> fp32 safetensors in models/<name>
   driftbench evaluate pre   -p embedded     pre-edit scores, once per model, shared by every editor
+  driftbench stats          -p embedded     key second moments E[kk^T] per edited layer (content-named files)
   driftbench run-cell       -p embedded -c rome+sadr   edit -> score -> restore for every case of one cell
   driftbench aggregate      -p embedded     results/summary.json (+ .md) from result files only
 Every long stage resumes where it stopped; kill it at any time."""
@@ -41,6 +42,29 @@ def _subset_cases(params, profile):
     if missing:
         raise SystemExit(f"{sp} names case {missing[0]} which is not in the dataset: rerun `driftbench dataset subset`")
     return [by_id[i] for i in ids]
+
+
+def _model_id(profile, name: str) -> str:
+    """Identity of the weights for content-derived stats names: GGUF sha256 of a prepared model, else ref@revision."""
+    prov = profile.prepared_model_dir(name) / "driftbench_model.json"
+    m = profile.models[name]
+    if prov.is_file():
+        p = json.loads(prov.read_text())
+        return f"{name}@{p.get('gguf_sha256', p.get('ref'))[:16]}"
+    return f"{m['ref']}@{m.get('revision', 'main')}"
+
+
+def _hparams(params, profile, name: str, editor: str) -> dict:
+    """The profile's hyper-parameters for (model, editor), with data paths resolved through the mirror."""
+    from data_pipeline.dataset import resolve_mirror
+
+    hp = dict((profile.raw.get("hparams") or {}).get(name, {}).get(editor, {}) or {})
+    if editor != "none":
+        hp.setdefault("model_id", _model_id(profile, name))
+        hp.setdefault("stats_dir", str(Path("stats") / name))
+        corpus = hp.get("stats_corpus", "wikitext-2-raw/wiki.test.raw")
+        hp["stats_corpus"] = str(resolve_mirror(params["data"]["mirror"]) / corpus)
+    return hp
 
 
 def _load(profile, model_name):
@@ -105,13 +129,26 @@ def cmd_run_cell(args, params):
     editor, sadr = parse_cell(args.cell)
     cases = _subset_cases(params, profile)[: args.limit or None]
     name, model, tok = _load(profile, args.model)
-    hparams = (profile.raw.get("hparams", {}).get(name, {}) or {}).get(editor, {})
+    hparams = _hparams(params, profile, name, editor)
     spec = CellSpec(profile.name, name, editor, sadr, hparams)
     out = profile.cell_path(name, args.cell)
     rows = run_cell(model, tok, spec, _card(params)["content_id"], cases, profile.pre_path(name), out,
                     batch_size=int(profile.raw.get("batch_size", 32)), verify_restore=args.verify_restore,
                     progress=not args.no_progress)
     print(f"{spec.cell_id}: {len(rows)} cases -> {out}")
+
+
+def cmd_stats(args, params):
+    """Run each editor's `prepare` (cacheable preparation such as key second moments) for the profile's cells."""
+    from editors.base import get_editor
+
+    profile = get_profile(params, args.profile)
+    name, model, tok = _load(profile, args.model)
+    for editor in sorted({parse_cell(c)[0] for c in profile.raw.get("cells", [])}):
+        ed = get_editor(editor)
+        if hasattr(ed, "prepare"):
+            for what in ed.prepare(model, tok, _hparams(params, profile, name, editor), progress=not args.no_progress):
+                print(f"{name} {editor}: {what}")
 
 
 def cmd_aggregate(args, params):
@@ -145,24 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("-m", "--model", default=None, help="model key of the profile (default: its only model)")
         return sp
 
-    ds = sub.add_parser("dataset", help="build the canonical dataset or a profile's subset").add_subparsers(
+    def add(subparsers, name, text):  # the help line also describes the subcommand in its own --help
+        return subparsers.add_parser(name, help=text, description=text.replace("%%", "%"))
+
+    ds = add(sub, "dataset", "build the canonical dataset or a profile's subset").add_subparsers(
         dest="action", required=True)
-    ds.add_parser("build", help="verify the release's sha256 and write cases.jsonl, piqa.jsonl and the dataset card"
-                  ).set_defaults(func=cmd_dataset_build)
-    with_profile(ds.add_parser("subset", help="write the profile's stratified, seeded case subset"), model=False
+    add(ds, "build", "verify the release's sha256 and write cases.jsonl, piqa.jsonl and the dataset card"
+        ).set_defaults(func=cmd_dataset_build)
+    with_profile(add(ds, "subset", "write the profile's stratified, seeded case subset"), model=False
                  ).set_defaults(func=cmd_dataset_subset)
 
-    md = sub.add_parser("model", help="model preparation").add_subparsers(dest="action", required=True)
-    with_profile(md.add_parser("prepare", help="convert a model (the embedded GGUF) once to fp32 safetensors")
+    md = add(sub, "model", "model preparation").add_subparsers(dest="action", required=True)
+    with_profile(add(md, "prepare", "convert a model (the embedded GGUF) once to fp32 safetensors")
                  ).set_defaults(func=cmd_model_prepare)
 
-    ev = sub.add_parser("evaluate", help="pre-edit evaluation").add_subparsers(dest="action", required=True)
-    pre = with_profile(ev.add_parser("pre", help="score every case of the subset on the unedited model (resumable)"))
+    ev = add(sub, "evaluate", "pre-edit evaluation").add_subparsers(dest="action", required=True)
+    pre = with_profile(add(ev, "pre", "score every case of the subset on the unedited model (resumable)"))
     pre.add_argument("--limit", type=int, default=0, help="only the first N cases (smoke tests)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=cmd_evaluate_pre)
 
-    rc = with_profile(sub.add_parser("run-cell", help="edit, score and restore every case of one cell (resumable)"))
+    rc = with_profile(add(sub, "run-cell", "edit, score and restore every case of one cell (resumable)"))
     rc.add_argument("-c", "--cell", required=True, help="editor name, with '+sadr' for the SADR variant (e.g. rome+sadr)")
     rc.add_argument("--verify-restore", action="store_true",
                     help="checksum all parameters after each restore and stop if they differ from the original")
@@ -170,12 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--no-progress", action="store_true", help="no progress bar")
     rc.set_defaults(func=cmd_run_cell)
 
-    ag = with_profile(sub.add_parser("aggregate", help="summary tables with 95%% CIs from result files only"), model=False)
+    st = with_profile(add(sub, "stats", "second-moment statistics E[kkᵀ] for every edited layer (cached)"))
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    st.set_defaults(func=cmd_stats)
+
+    ag = with_profile(add(sub, "aggregate", "summary tables with 95%% CIs from result files only"), model=False)
     ag.add_argument("--out-json", default="results/summary.json")
     ag.add_argument("--out-md", default="results/summary.md")
     ag.set_defaults(func=cmd_aggregate)
 
-    sub.add_parser("editors", help="list available editors (built-in and plugins)").set_defaults(func=cmd_editors)
+    add(sub, "editors", "list available editors (built-in and plugins)").set_defaults(func=cmd_editors)
     return p
 
 

@@ -22,7 +22,7 @@ from editors.base import EditHandle
 from editors.core import (VHparams, build_batch, generate_context_templates, make_request, module_io_at,
                           optimise_target, rank_one_direction, rank_one_update, subject_rows)
 from editors.sadr import SADRLoss
-from editors.stats import StatsKey, load_or_compute, wikitext_articles
+from editors.stats import StatsKey, corpus_sha256, load_or_compute, wikitext_articles
 from model_layer.arch import arch_for
 
 
@@ -37,7 +37,6 @@ class RomeHparams(VHparams):
     # second-moment statistics
     stats_dir: str = "stats"
     stats_corpus: str = "../shared/data/wikitext-2-raw/wiki.test.raw"
-    stats_corpus_sha256: str = ""
     stats_tokens: int = 100_000
     stats_max_len: int = 1024
     model_id: str = ""
@@ -70,14 +69,25 @@ class Rome:
             self._templates[key] = generate_context_templates(model, tok, hp.template_lengths, hp.template_seed)
         return self._templates[key]
 
-    def covariance(self, model, tok, module: str, hp: RomeHparams):
+    def covariance(self, model, tok, module: str, hp: RomeHparams, progress: bool = False):
+        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed and saved there if missing."""
+        if not Path(hp.stats_corpus).is_file():
+            raise FileNotFoundError(f"stats corpus {hp.stats_corpus} not found: set the data mirror "
+                                    "(DRIFTBENCH_DATA_MIRROR) or hparams 'stats_corpus'")
         key = StatsKey(model_id=hp.model_id or str(getattr(model, "name_or_path", "")), module=module,
-                       corpus_sha256=hp.stats_corpus_sha256 or Path(hp.stats_corpus).name, max_tokens=hp.stats_tokens,
+                       corpus_sha256=corpus_sha256(hp.stats_corpus), max_tokens=hp.stats_tokens,
                        max_len=hp.stats_max_len)
         if key not in self._cov:
             self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok,
-                                             lambda: wikitext_articles(hp.stats_corpus), progress=False)
+                                             lambda: wikitext_articles(hp.stats_corpus), progress=progress)
         return self._cov[key]
+
+    def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:
+        """Compute (or find) the second-moment statistics of the edited layer; returns what was prepared."""
+        hp = RomeHparams.from_dict(hparams)
+        module = arch_for(model).layer("mlp_out", hp.layer)
+        self.covariance(model, tok, module, hp, progress=progress)
+        return [f"stats {module} ({hp.stats_tokens:,} tokens) in {hp.stats_dir}"]
 
     def edit(self, model, tok, case: Case, hparams: dict[str, Any]) -> EditHandle:
         import time

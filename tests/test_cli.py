@@ -1,0 +1,162 @@
+"""The `driftbench` command line: help texts, and the whole pipeline in a temporary project folder with the tiny
+random Llama standing in for the embedded model (the CLI resolves every path relative to its working folder).
+
+The cheap stages run through the installed console script in a subprocess; the three model stages (prepare,
+evaluate pre, run-cell) run `driftbench.cli.main` in this process, in the same working folder, which spares three
+~8 s imports of torch/transformers/lm-eval (the kill -9 test of tests/test_harness.py covers a model stage in a
+subprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from driftbench.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny-llama"
+
+
+def _driftbench() -> list[str]:
+    """The installed console script (what dvc.yaml calls), else the module."""
+    exe = Path(sys.executable).with_name("driftbench")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "driftbench.cli"]
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "DRIFTBENCH_DATA_MIRROR"}  # params.yaml names the mirror
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([*_driftbench(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert res.returncode == 0, f"driftbench {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------ help
+HELP = {
+    (): ["dataset", "model", "evaluate", "run-cell", "aggregate", "editors", "pipeline order", "resumes"],
+    ("dataset",): ["build", "subset"],
+    ("dataset", "build"): ["sha256", "cases.jsonl"],
+    ("dataset", "subset"): ["stratified", "--profile"],
+    ("model",): ["prepare"],
+    ("model", "prepare"): ["fp32 safetensors", "--profile", "--model"],
+    ("evaluate",): ["pre"],
+    ("evaluate", "pre"): ["unedited model", "--limit", "--no-progress"],
+    ("run-cell",): ["--cell", "+sadr", "--verify-restore", "--limit"],
+    ("aggregate",): ["95% CIs", "--out-json", "--out-md"],
+    ("editors",): ["list available editors"],
+}
+
+
+@pytest.mark.parametrize("cmd", list(HELP), ids=lambda c: " ".join(c) or "driftbench")
+def test_help(cmd, tmp_path):
+    res = run_cli(*cmd, "--help", cwd=tmp_path)  # no params.yaml needed for --help
+    text = " ".join(res.stdout.split())
+    assert res.stdout.startswith("usage: driftbench")
+    for word in HELP[cmd]:
+        assert word in text, f"`driftbench {' '.join(cmd)} --help` does not mention {word!r}:\n{res.stdout}"
+
+
+def _commands(parser, prefix=()):
+    """``(path, help line)`` of every subcommand of ``parser``, recursively."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sp in action.choices.items():
+                yield (*prefix, name), helps.get(name)
+                yield from _commands(sp, (*prefix, name))
+
+
+def test_every_subcommand_help_says_what_it_does(tmp_path):
+    """Whatever subcommands exist (new ones included): `--help` exits 0 and states the command's purpose."""
+    from driftbench.cli import build_parser
+
+    commands = list(_commands(build_parser()))
+    assert {c for c, _ in commands} >= set(HELP) - {()}
+    for cmd, help_line in commands:
+        assert help_line, f"`driftbench {' '.join(cmd)}` has no help line"
+        res = run_cli(*cmd, "--help", cwd=tmp_path)
+        purpose = " ".join(help_line.replace("%%", "%").split())
+        assert purpose in " ".join(res.stdout.split()), \
+            f"`driftbench {' '.join(cmd)} --help` does not say what it does ({purpose!r}):\n{res.stdout}"
+
+
+def test_module_entry_point_and_missing_params(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "driftbench.cli", "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 0 and "run-cell" in res.stdout
+    res = run_cli("dataset", "build", cwd=tmp_path, check=False)
+    assert res.returncode != 0 and "params.yaml not found" in res.stderr
+
+
+# -------------------------------------------------------------------------------------------------- pipeline
+def test_pipeline_in_a_temporary_project(tmp_path, mirror, tiny_model_dirs, monkeypatch, capsys):
+    real = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = {
+        "data": dict(real["data"], mirror=str(mirror), out="data/paper-v1"),
+        "profiles": {"embedded": {
+            # seed 33 draws four cases with short probes (a quarter of the tiny model's work for seed 1234)
+            "device": "cpu", "subset_size": 4, "seed": 33, "batch_size": 32,
+            "models": {MODEL: {"ref": str(tiny_model_dirs["llama"]), "dtype": "float32"}},
+            "cells": ["none"], "hparams": {},
+        }},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    out = run_cli("dataset", "build", cwd=tmp_path).stdout
+    card = json.loads((tmp_path / "data/paper-v1/card.json").read_text())
+    assert card["n_cases"] == 1678 and card["content_id"] in out
+
+    # stages refuse to run out of order, with a hint naming the missing stage
+    res = run_cli("evaluate", "pre", "--no-progress", cwd=tmp_path, check=False)
+    assert res.returncode != 0 and "driftbench dataset subset -p embedded" in res.stderr
+
+    run_cli("dataset", "subset", cwd=tmp_path)
+    subset = json.loads((tmp_path / "data/subsets/embedded.json").read_text())
+    assert subset["size"] == 4 and subset["seed"] == 33 and len(set(subset["case_ids"])) == 4
+
+    res = run_cli("aggregate", cwd=tmp_path, check=False)
+    assert res.returncode != 0 and "driftbench run-cell" in res.stderr
+
+    editors = run_cli("editors", cwd=tmp_path).stdout.split()
+    assert "none" in editors and editors == sorted(editors)
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["model", "prepare"]) == 0  # the tiny model converts like the embedded one: models/<name>
+    prov = json.loads((tmp_path / "models" / MODEL / "driftbench_model.json").read_text())
+    assert prov["source"] == "local" and prov["model_type"] == "llama"
+
+    assert main(["evaluate", "pre", "--no-progress"]) == 0  # loads models/<name>, the prepared copy
+    pre_rows = [json.loads(x) for x in (tmp_path / f"results/embedded/{MODEL}/pre.jsonl").read_text().splitlines()]
+    assert [r["case_id"] for r in pre_rows] == subset["case_ids"]
+
+    capsys.readouterr()
+    assert main(["run-cell", "-c", "none", "--verify-restore", "--no-progress"]) == 0
+    assert f"embedded/{MODEL}/none: 4 cases" in capsys.readouterr().out
+    cell_file = tmp_path / f"results/embedded/{MODEL}/cells/none.jsonl"
+    rows = [json.loads(x) for x in cell_file.read_text().splitlines()]
+    assert [r["case_id"] for r in rows] == subset["case_ids"]
+    assert all(r["cell"] == f"embedded/{MODEL}/none" and r["post"] == r["pre"] for r in rows)
+    assert [r["pre"] for r in rows] == [r["scores"] for r in pre_rows]
+
+    out = run_cli("aggregate", cwd=tmp_path).stdout
+    summary = json.loads((tmp_path / "results/summary.json").read_text())
+    cell = summary["cells"][f"embedded/{MODEL}/none"]
+    assert cell["n_cases"] == 4 and cell["editor"] == "none" and cell["sadr"] is False
+    es = cell["paper"]["ES"]
+    assert es["n"] == 4 and 0.0 <= es["mean"] <= 1.0
+    assert cell["paper"]["ES"] == summary["pre"][f"embedded/{MODEL}"]["paper"]["ES"]  # none editor: post == pre
+    assert f"### embedded/{MODEL} — protocol `paper`" in out
+    assert "| editor | ES | PS |" in out and "| none |" in out and "| pre (unedited) |" in out
+    md = (tmp_path / "results/summary.md").read_text()
+    assert out.split("\nwrote ")[0].strip() in md
+    shutil.rmtree(tmp_path / "models")  # keep the temp folder small
+    assert not list(tmp_path.rglob("*.tmp"))

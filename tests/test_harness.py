@@ -1,0 +1,365 @@
+"""The resumable per-cell harness (evaluators/harness.py) on the tiny random Llama and real paper-v1 cases.
+
+The cases are the first 6 of the seeded stratified subset, trimmed to at most one probe per family and no PIQA
+item, so that every forward pass of the tiny model stays short (the harness logic does not depend on how many
+probes a case has).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from driftbench.io import atomic_write_jsonl, dumps_line, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+N_CASES = 6
+PROFILE, MODEL = "embedded", "tiny-llama"
+
+DRIVER = '''
+"""Test driver: one model, run_pre then run_cell(none), optionally slowed down per case."""
+import os, sys, time
+from pathlib import Path
+
+import torch
+
+import evaluators.scoring as scoring
+from data_pipeline.dataset import load_cases
+from evaluators.harness import CellSpec, run_cell, run_pre
+from model_layer.loading import load_model
+
+model_dir, cases_path, out_dir, content_id = sys.argv[1:5]
+torch.set_num_threads(int(os.environ["TEST_THREADS"]))
+delay = float(os.environ.get("TEST_DELAY_S", "0"))
+if delay:
+    original = scoring.ProbeScorer.score_case
+
+    def slow_score_case(self, case):
+        time.sleep(delay)
+        return original(self, case)
+
+    scoring.ProbeScorer.score_case = slow_score_case
+cases = load_cases(cases_path)
+model, tok = load_model(model_dir)
+out = Path(out_dir)
+run_pre(model, tok, "%(model)s", content_id, cases, out / "pre.jsonl", progress=False)
+run_cell(model, tok, CellSpec("%(profile)s", "%(model)s", "none"), content_id, cases, out / "pre.jsonl",
+         out / "none.jsonl", progress=False)
+''' % {"model": MODEL, "profile": PROFILE}
+
+
+def _trim(case):
+    return dataclasses.replace(case, paraphrase=case.paraphrase[:1], subject_alias=case.subject_alias[:1],
+                               reasoning=case.reasoning[:1], neighborhood=case.neighborhood[:1],
+                               relation=case.relation[:1], generation=(), piqa=None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, mirror):
+    from data_pipeline.dataset import build_dataset, load_cases
+    from data_pipeline.subset import stratified_subset
+
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]
+    out = tmp_path_factory.mktemp("paper-v1")
+    card = build_dataset(mirror, d["release"], d["release_sha256"], d["version"], out)
+    by_id = {c.case_id: c for c in load_cases(out / "cases.jsonl")}
+    cases = [_trim(by_id[i]) for i in stratified_subset(list(by_id.values()), N_CASES, seed=1234)]
+    assert {c.source for c in cases} == {"counterfact", "wikidata"}
+    cases_path = out / "subset_cases.jsonl"
+    cases_path.write_text("".join(dumps_line(c.to_json()) + "\n" for c in cases), encoding="utf-8")
+    assert load_cases(cases_path) == cases
+    return SimpleNamespace(cases=cases, cases_path=cases_path, content_id=card["content_id"])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    from model_layer.loading import load_model
+
+    return load_model(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny, data):
+    """One uninterrupted run: pre-edit rows and the `none` cell, every case."""
+    from evaluators.harness import CellSpec, run_cell, run_pre
+    from model_layer.checksum import param_checksum
+
+    model, tok = tiny
+    out = tmp_path_factory.mktemp("reference")
+    before = param_checksum(model)
+    pre = run_pre(model, tok, MODEL, data.content_id, data.cases, out / "pre.jsonl", progress=False)
+    cell = run_cell(model, tok, CellSpec(PROFILE, MODEL, "none"), data.content_id, data.cases, out / "pre.jsonl",
+                    out / "none.jsonl", progress=False)
+    assert param_checksum(model) == before
+    return SimpleNamespace(dir=out, pre=pre, cell=cell, pre_bytes=(out / "pre.jsonl").read_bytes(),
+                           cell_bytes=(out / "none.jsonl").read_bytes())
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    """Count editor.edit and ProbeScorer.score_case calls made in this process."""
+    import editors.base
+    import evaluators.scoring
+
+    calls = {"edit": 0, "score": 0}
+    original_score = evaluators.scoring.ProbeScorer.score_case
+
+    def counting_score(self, case):
+        calls["score"] += 1
+        return original_score(self, case)
+
+    class CountingNoEdit(editors.base.NoEdit):
+        def edit(self, model, tok, case, hparams):
+            calls["edit"] += 1
+            return super().edit(model, tok, case, hparams)
+
+    monkeypatch.setattr(evaluators.scoring.ProbeScorer, "score_case", counting_score)
+    monkeypatch.setitem(editors.base._BUILTINS, "none", CountingNoEdit)
+    return calls
+
+
+def _copy_reference(reference, dst: Path, cell: bool = True) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(reference.dir / "pre.jsonl", dst / "pre.jsonl")
+    if cell:
+        shutil.copy(reference.dir / "none.jsonl", dst / "none.jsonl")
+    return dst
+
+
+def _without_fp(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "fingerprint"}
+
+
+# ---------------------------------------------------------------------------------------------- the none cell
+def test_none_cell_rows(reference, data):
+    ids = [c.case_id for c in data.cases]
+    assert [r["case_id"] for r in reference.pre] == ids
+    assert [r["case_id"] for r in reference.cell] == ids  # subset order
+    for pre, row, case in zip(reference.pre, reference.cell, data.cases):
+        assert row["cell"] == f"{PROFILE}/{MODEL}/none"
+        assert row["source"] == case.source
+        assert row["post"] == row["pre"] == pre["scores"]  # exactly: the none editor changes nothing
+        assert row["editor"] == {"name": "none", "sadr": False, "diagnostics": {}}
+        assert row["env"]["device"] == "cpu" and row["env"]["dtype"] == "float32"
+        assert set(row["post"]) >= {"rewrite"}
+        assert all(len(v["right"]) == len(v["wrong"]) >= 1 for v in row["post"].values())
+    assert len({r["fingerprint"] for r in reference.cell}) == 1
+    # the files are the returned rows, one canonical line each
+    assert reference.cell_bytes == "".join(dumps_line(r) + "\n" for r in reference.cell).encode("utf-8")
+    assert reference.pre_bytes == "".join(dumps_line(r) + "\n" for r in reference.pre).encode("utf-8")
+    timings = list(read_jsonl(reference.dir / "none.timings.jsonl"))
+    assert [t["case_id"] for t in timings] == ids
+    assert all(t["edit_s"] >= 0 and t["score_s"] > 0 and t["restore_s"] >= 0 for t in timings)
+
+
+# ------------------------------------------------------------------------------------------------ kill -9
+def _complete_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data, model_dir, tiny, counters):
+    """``kill -9`` a run in a subprocess mid-cell (plus a torn half line), then finish it: byte-identical results."""
+    from evaluators.harness import CellSpec, run_cell, run_pre
+
+    work = _copy_reference(reference, tmp_path / "run", cell=False)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, str(driver), str(model_dir), str(data.cases_path), str(work), data.content_id]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TEST_THREADS=str(torch.get_num_threads()), TEST_DELAY_S="0.4")
+    out_file = work / "none.jsonl"
+
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while _complete_lines(out_file) < 2:
+            assert proc.poll() is None, f"driver exited early:\n{proc.stdout.read().decode(errors='replace')}"
+            assert time.monotonic() < deadline, "driver wrote fewer than 2 rows in 240 s"
+            time.sleep(0.02)
+        assert proc.poll() is None, "driver finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = _complete_lines(out_file)
+    assert 2 <= done < N_CASES
+    with open(out_file, "ab") as fh:  # as if killed in the middle of writing the next row
+        fh.write(b'{"case_id":"' + data.cases[done].case_id.encode() + b'","cell":"embedded/tin')
+
+    # finish it (here, in this process): only the missing cases are computed
+    model, tok = tiny
+    run_pre(model, tok, MODEL, data.content_id, data.cases, work / "pre.jsonl", progress=False)
+    run_cell(model, tok, CellSpec(PROFILE, MODEL, "none"), data.content_id, data.cases, work / "pre.jsonl", out_file,
+             progress=False)
+    assert counters == {"edit": N_CASES - done, "score": N_CASES - done}
+    assert (work / "pre.jsonl").read_bytes() == reference.pre_bytes
+    assert out_file.read_bytes() == reference.cell_bytes
+    timing_ids = [t["case_id"] for t in read_jsonl(work / "none.timings.jsonl")]
+    assert len(timing_ids) == len(set(timing_ids)), f"a case was computed twice: {timing_ids}"
+    assert set(timing_ids) == {c.case_id for c in data.cases}
+    assert sorted(p.name for p in work.iterdir()) == ["none.jsonl", "none.timings.jsonl", "pre.jsonl",
+                                                     "pre.timings.jsonl"]  # no temp files left
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def test_resume_computes_only_missing_cases(tmp_path, reference, data, tiny, counters):
+    from evaluators.harness import CellSpec, run_cell
+
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path)
+    kept = [reference.cell[i] for i in (3, 0, 2)]  # done out of order, as a log of another subset order might be
+    atomic_write_jsonl(work / "none.jsonl", kept)
+    spec = CellSpec(PROFILE, MODEL, "none")
+    rows = run_cell(model, tok, spec, data.content_id, data.cases, work / "pre.jsonl", work / "none.jsonl",
+                    progress=False)
+    assert counters == {"edit": N_CASES - 3, "score": N_CASES - 3}
+    assert rows == reference.cell
+    assert (work / "none.jsonl").read_bytes() == reference.cell_bytes  # rewritten in subset order
+
+    counters.update(edit=0, score=0)  # all done: nothing is recomputed, the file is unchanged
+    run_cell(model, tok, spec, data.content_id, data.cases, work / "pre.jsonl", work / "none.jsonl", progress=False)
+    assert counters == {"edit": 0, "score": 0}
+    assert (work / "none.jsonl").read_bytes() == reference.cell_bytes
+
+
+def test_other_fingerprint_is_recomputed_and_dropped_cases_removed(tmp_path, reference, data, tiny, counters):
+    from evaluators.harness import CellSpec, run_cell, run_pre
+
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path)
+    spec = CellSpec(PROFILE, MODEL, "none", hparams={"layers": [1], "lr": 0.5})  # same cell, other hyper-params
+    rows = run_cell(model, tok, spec, data.content_id, data.cases, work / "pre.jsonl", work / "none.jsonl",
+                    progress=False)
+    assert counters == {"edit": N_CASES, "score": N_CASES}
+    new_fp = {r["fingerprint"] for r in rows}
+    assert len(new_fp) == 1 and new_fp != {reference.cell[0]["fingerprint"]}
+    assert [_without_fp(r) for r in rows] == [_without_fp(r) for r in reference.cell]
+    on_disk = list(read_jsonl(work / "none.jsonl"))
+    assert on_disk == rows and len(on_disk) == N_CASES
+
+    # a different dataset content id is another fingerprint too
+    counters.update(edit=0, score=0)
+    run_cell(model, tok, spec, "0" * 16, data.cases[:1], work / "pre.jsonl", work / "none.jsonl", progress=False)
+    assert counters == {"edit": 1, "score": 1}
+
+    # a smaller subset: rows of cases no longer in it disappear from the file, nothing is recomputed
+    counters.update(edit=0, score=0)
+    run_cell(model, tok, spec, data.content_id, data.cases, work / "pre.jsonl", work / "none.jsonl", progress=False)
+    counters.update(edit=0, score=0)
+    sub = data.cases[:2] + data.cases[4:5]
+    rows = run_cell(model, tok, spec, data.content_id, sub, work / "pre.jsonl", work / "none.jsonl", progress=False)
+    assert counters == {"edit": 0, "score": 0}
+    assert [r["case_id"] for r in read_jsonl(work / "none.jsonl")] == [c.case_id for c in sub]
+    assert list(read_jsonl(work / "none.jsonl")) == rows
+
+    # the same for the pre-edit stage
+    counters.update(edit=0, score=0)
+    pre = run_pre(model, tok, MODEL, data.content_id, sub, work / "pre.jsonl", progress=False)
+    assert counters["score"] == 0
+    assert pre == [reference.pre[i] for i in (0, 1, 4)]
+    assert (work / "pre.jsonl").read_bytes() == "".join(dumps_line(r) + "\n" for r in pre).encode("utf-8")
+
+
+def test_run_cell_without_pre_rows_raises(tmp_path, reference, data, tiny):
+    from evaluators.harness import CellSpec, run_cell
+
+    model, tok = tiny
+    spec = CellSpec(PROFILE, MODEL, "none")
+    atomic_write_jsonl(tmp_path / "pre.jsonl", reference.pre[:3])
+    with pytest.raises(RuntimeError, match="driftbench evaluate pre"):
+        run_cell(model, tok, spec, data.content_id, data.cases, tmp_path / "pre.jsonl", tmp_path / "none.jsonl",
+                 progress=False)
+    with pytest.raises(RuntimeError, match="driftbench evaluate pre"):  # no pre-edit file at all
+        run_cell(model, tok, spec, data.content_id, data.cases, tmp_path / "missing.jsonl", tmp_path / "none.jsonl",
+                 progress=False)
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ verify_restore
+class BrokenEditor:
+    """Writes a weight but does not record it in the handle: restore() cannot undo the edit."""
+    name, supports_sadr = "broken", False
+
+    def edit(self, model, tok, case, hparams):
+        from editors.base import EditHandle
+
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.add_(0.25)
+        return EditHandle(diagnostics={"layer": 1})
+
+
+class CarefulEditor:
+    """Records each parameter through ``EditHandle.save`` before writing it (twice, to check the first save wins)."""
+    name, supports_sadr = "careful", False
+
+    def __init__(self):
+        self.n = 0
+
+    def edit(self, model, tok, case, hparams):
+        from editors.base import EditHandle
+
+        layer = self.n % len(model.model.layers)
+        self.n += 1
+        handle = EditHandle(diagnostics={"layer": layer})
+        params = dict(model.named_parameters())
+        names = [f"model.layers.{layer}.mlp.down_proj.weight", "model.embed_tokens.weight"]
+        gen = torch.Generator().manual_seed(self.n)
+        with torch.no_grad():
+            for name in names:
+                p = params[name]
+                handle.save(name, p)
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+                handle.save(name, p)  # a no-op: the original stays the pre-edit copy
+                p.mul_(1.5)
+        return handle
+
+
+def test_verify_restore_catches_a_broken_editor(tmp_path, monkeypatch, reference, data, model_dir):
+    import editors.base
+    from evaluators.harness import CellSpec, run_cell
+    from model_layer.loading import load_model
+
+    model, tok = load_model(str(model_dir))  # a private copy: this test corrupts it
+    monkeypatch.setitem(editors.base._BUILTINS, "broken", BrokenEditor)
+    with pytest.raises(RuntimeError, match=r"weights differ after restore\(\)"):
+        run_cell(model, tok, CellSpec(PROFILE, MODEL, "broken"), data.content_id, data.cases,
+                 reference.dir / "pre.jsonl", tmp_path / "broken.jsonl", verify_restore=True, progress=False)
+    assert (tmp_path / "broken.jsonl").read_bytes() == b""  # no row for the case that failed verification
+
+
+def test_verify_restore_passes_for_a_correct_editor(tmp_path, monkeypatch, reference, data, model_dir):
+    import editors.base
+    from evaluators.harness import CellSpec, run_cell
+    from model_layer.checksum import param_checksum
+    from model_layer.loading import load_model
+
+    model, tok = load_model(str(model_dir))
+    monkeypatch.setitem(editors.base._BUILTINS, "careful", CarefulEditor)
+    before = param_checksum(model)
+    cases = data.cases[:5]
+    rows = run_cell(model, tok, CellSpec(PROFILE, MODEL, "careful"), data.content_id, cases,
+                    reference.dir / "pre.jsonl", tmp_path / "careful.jsonl", verify_restore=True, progress=False)
+    assert param_checksum(model) == before
+    assert [r["case_id"] for r in rows] == [c.case_id for c in cases]
+    assert [r["editor"]["diagnostics"] for r in rows] == [{"layer": i % 4} for i in range(5)]
+    assert all(r["pre"] == p["scores"] for r, p in zip(rows, reference.pre))
+    assert any(r["post"] != r["pre"] for r in rows)  # the edits were real and the scorer saw them
