@@ -217,13 +217,13 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
             kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
             wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
             loss = nll + kl + wd
-            parts = {"nll": float(nll), "kl": float(kl), "wd": float(wd)}
+            parts = {"nll": nll.item(), "kl": kl.item(), "wd": wd.item()}
             for extra in extra_losses:
                 term = extra(it, out.attentions if need_attn else None, batch)
                 if term is not None:
                     loss = loss + term
-                    parts[type(extra).__name__] = float(term)
-            parts["total"] = float(loss)
+                    parts[type(extra).__name__] = term.item()
+            parts["total"] = loss.item()
             losses.append(parts)
             if loss.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
                 step_s.append(time.perf_counter() - t0)

@@ -67,7 +67,12 @@ def second_moment(model, tok, module_name: str, texts: list[str], max_tokens: in
     acc = torch.zeros(d, d, dtype=torch.float32)
     count = 0
     captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach()))
+
+    def hook(_m, inp):
+        captured.append(inp[0].detach())
+        raise _StopForward  # the layers above the edited one are not needed: skip them
+
+    handle = module.register_forward_pre_hook(hook)
     bar = tqdm(total=max_tokens, desc=f"stats {module_name}", unit="tok", disable=not progress)
     try:
         batch: list[list[int]] = []
@@ -91,6 +96,10 @@ def second_moment(model, tok, module_name: str, texts: list[str], max_tokens: in
     return acc / count, count
 
 
+class _StopForward(Exception):
+    pass
+
+
 def _accumulate(model, batch, acc, captured, count, max_tokens, pad_id, bar) -> int:
     n = max(map(len, batch))
     ids = torch.full((len(batch), n), pad_id if pad_id is not None else 0, dtype=torch.long)
@@ -100,7 +109,10 @@ def _accumulate(model, batch, acc, captured, count, max_tokens, pad_id, bar) -> 
         mask[i, : len(b)] = 1
     captured.clear()
     dev = next(model.parameters()).device
-    model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+    try:
+        model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+    except _StopForward:
+        pass
     k = captured[0].float().cpu()[mask.bool()]  # [n_real_tokens, d]
     k = k[: max_tokens - count]
     acc.addmm_(k.T, k)

@@ -65,7 +65,9 @@ ARCHS: dict[str, ArchSpec] = {
         final_norm="gpt_neox.final_layer_norm", lm_head="lm_head", embed="gpt_neox.embed_in"),
     # Llama-2/3, TinyLlama and SmolLM2 share the Llama module layout.
     "llama": ArchSpec(name="llama", **_LLAMA_LIKE),
-    # Gemma-3 text models (Gemma3ForCausalLM, model_type "gemma3_text") use the same names.
+    # Gemma-3 text models (Gemma3ForCausalLM, model_type "gemma3_text") use the same names. Note: Gemma applies a
+    # post-feed-forward RMSNorm to the MLP output before the residual add, which rescales a δ injected at `mlp`;
+    # locate-then-edit methods therefore need more optimisation steps there (measured on tiny models).
     "gemma3": ArchSpec(name="gemma3", **_LLAMA_LIKE),
 }
 _MODEL_TYPE_TO_ARCH = {"gptj": "gptj", "gpt_neox": "gpt_neox", "llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
