@@ -90,7 +90,8 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
 
     scorer = ProbeScorer(model, tok, batch_size=batch_size)
     env = environment(model)
-    fp = fingerprint({"stage": "pre", "model": model_name, "dataset": content_id, "env": env})
+    # batch size is part of the identity: padding changes float results at the 1e-8 level
+    fp = fingerprint({"stage": "pre", "model": model_name, "dataset": content_id, "env": env, "batch_size": batch_size})
 
     def compute(case: Case):
         t0 = time.perf_counter()
@@ -121,20 +122,30 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
     hparams = dict(spec.hparams, sadr=spec.sadr)
     scorer = ProbeScorer(model, tok, batch_size=batch_size)
     env = environment(model)
-    fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "dataset": content_id, "hparams": hparams, "env": env})
+    fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "dataset": content_id, "hparams": hparams, "env": env,
+                      "batch_size": batch_size})
     before = param_checksum(model) if verify_restore else None
 
+    from evaluators.drift import DriftProbe
+
+    probe = DriftProbe(model, tok) if spec.editor != "none" else None
+
     def compute(case: Case):
+        if probe is not None:
+            probe.before(case)
         t0 = time.perf_counter()
         handle = editor.edit(model, tok, case, hparams)
         t1 = time.perf_counter()
         post = scorer.score_case(case)
         t2 = time.perf_counter()
+        diagnostics = dict(handle.diagnostics)
+        if probe is not None:
+            diagnostics["attn_drift"] = probe.after()
         handle.restore()
         if verify_restore and param_checksum(model) != before:
             raise RuntimeError(f"{spec.cell_id} {case.case_id}: weights differ after restore()")
         row = {"cell": spec.cell_id, "case_id": case.case_id, "source": case.source, "pre": pre[case.case_id],
-               "post": post, "editor": {"name": spec.editor, "sadr": spec.sadr, "diagnostics": handle.diagnostics},
+               "post": post, "editor": {"name": spec.editor, "sadr": spec.sadr, "diagnostics": diagnostics},
                "env": env}
         return row, {"edit_s": t1 - t0, "score_s": t2 - t1, "restore_s": time.perf_counter() - t2,
                      "editor": handle.timings}

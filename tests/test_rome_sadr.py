@@ -167,3 +167,37 @@ def test_rome_hparams_errors():
         RomeHparams.from_dict({})
     with pytest.raises(ValueError, match="v_num_grad_stepz"):
         RomeHparams.from_dict({"layer": 1, "v_num_grad_stepz": 3})
+
+
+def test_drift_formula_hand_computed():
+    from model_layer.attention import drift
+
+    pre = torch.tensor([[[0.1, 0.2], [0.3, 0.1]]])  # [n=1, L=2, H=2]
+    post = torch.tensor([[[0.4, 0.1], [0.2, 0.3]]])
+    # layer 0: max(0.3, -0.1) = 0.3; layer 1: max(-0.1, 0.2) = 0.2 → 0.5
+    assert drift(pre, post) == pytest.approx([0.5])
+
+
+def test_drift_probe_on_tiny_model(tiny_model_dirs, mirror, tmp_path):
+    from evaluators.drift import DriftProbe, drift_prompts
+    from model_layer.attention import token_index_at_char
+
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    case = Case(case_id="cf-d", source="counterfact", subject="Danielle Darrieux",
+                prompt="The mother tongue of Danielle Darrieux is", target_true="French", target_new="English",
+                neighborhood=(Probe("The mother tongue of Léon Blum is", "French"), Probe("Paris is in", "France")),
+                relation=(Probe("Danielle Darrieux was born in", "Bordeaux"), Probe("No subject here", "x")))
+    prompts = drift_prompts(case)
+    assert len(prompts["neighborhood_distracted"][0]) == 2 and len(prompts["relation"][0]) == 1
+    text, end = prompts["relation"][0][0], prompts["relation"][1][0]
+    i = token_index_at_char(tok, text, end - 1)
+    assert tok.decode(tok(text)["input_ids"][i]).strip()[-1] == "x"  # last character of "Darrieux"
+    probe = DriftProbe(model, tok)
+    probe.before(case)
+    assert probe.after() == {"neighborhood_distracted": [0.0, 0.0], "relation": [0.0]}  # unchanged model
+    probe.before(case)
+    with torch.no_grad():
+        model.get_submodule("model.layers.1.mlp.down_proj").weight.mul_(3.0)
+    d = probe.after()
+    assert any(abs(x) > 1e-4 for x in d["neighborhood_distracted"] + d["relation"])
+    assert model.config._attn_implementation != "eager"  # eager only while capturing
