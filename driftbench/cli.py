@@ -16,6 +16,7 @@ EPILOG = """stages, in pipeline order (all read params.yaml):
   driftbench dataset subset -p embedded     stratified, seeded case subset of a profile
   driftbench model prepare  -p embedded     embedded GGUF -> fp32 safetensors in models/<name>
   driftbench evaluate pre   -p embedded     pre-edit scores, once per model, shared by every editor
+  driftbench trace          -p embedded     causal tracing on known facts: which layer to edit (json + png)
   driftbench stats          -p embedded     key second moments E[kk^T] per edited layer (content-named files)
   driftbench run-cell       -p embedded -c rome+sadr   edit -> score -> restore for every case of one cell
   driftbench aggregate      -p embedded     results/summary.json (+ .md) from result files only
@@ -151,6 +152,26 @@ def cmd_stats(args, params):
                 print(f"{name} {editor}: {what}")
 
 
+def cmd_trace(args, params):
+    """Causal tracing of MLP outputs on ROME's known facts: the documented procedure behind each edit layer."""
+    from data_pipeline.dataset import resolve_mirror
+    from driftbench.io import atomic_write_json
+    from editors.tracing import known_facts, plot, trace
+
+    profile = get_profile(params, args.profile)
+    name, model, tok = _load(profile, args.model)
+    cfg = profile.raw.get("trace", {})
+    facts = known_facts(model, tok, resolve_mirror(params["data"]["mirror"]) / "rome" / "known_1000.json",
+                        int(cfg.get("facts", 30)))
+    res = trace(model, tok, facts, samples=int(cfg.get("samples", 3)), window=int(cfg.get("window", 6)),
+                seed=int(cfg.get("seed", 0)), progress=not args.no_progress)
+    out = profile.results_dir(name)
+    atomic_write_json(out / "causal_trace.json", res.__dict__)
+    plot(res, out / "causal_trace.png", name)
+    print(f"{name}: {res.n_facts} facts, clean P {res.clean_p:.3f} -> corrupted {res.corrupted_p:.3f}; "
+          f"MLP indirect effect peaks at layer {res.chosen_layer} (first half) -> {out / 'causal_trace.png'}")
+
+
 def cmd_aggregate(args, params):
     from evaluators.aggregate import aggregate, format_table
 
@@ -209,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--limit", type=int, default=0, help="only the first N cases (smoke tests)")
     rc.add_argument("--no-progress", action="store_true", help="no progress bar")
     rc.set_defaults(func=cmd_run_cell)
+
+    tr = with_profile(add(sub, "trace", "causal tracing of MLP outputs on known facts (chooses the edit layer; plot)"))
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_trace)
 
     st = with_profile(add(sub, "stats", "second-moment statistics E[kkᵀ] for every edited layer (cached)"))
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
