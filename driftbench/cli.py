@@ -119,7 +119,8 @@ def cmd_evaluate_pre(args, params):
     cases = _subset_cases(params, profile)[: args.limit or None]
     name, model, tok = _load(profile, args.model)
     rows = run_pre(model, tok, name, _card(params)["content_id"], cases, profile.pre_path(name),
-                   batch_size=int(profile.raw.get("batch_size", 32)), progress=not args.no_progress)
+                   batch_size=int(profile.raw.get("batch_size", 32)), progress=not args.no_progress,
+                   model_id=_model_id(profile, name))
     print(f"pre-edit scores for {len(rows)} cases -> {profile.pre_path(name)}")
 
 
@@ -135,7 +136,7 @@ def cmd_run_cell(args, params):
     out = profile.cell_path(name, args.cell)
     rows = run_cell(model, tok, spec, _card(params)["content_id"], cases, profile.pre_path(name), out,
                     batch_size=int(profile.raw.get("batch_size", 32)), verify_restore=args.verify_restore,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, model_id=_model_id(profile, name))
     print(f"{spec.cell_id}: {len(rows)} cases -> {out}")
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.schema import Case
+from model_layer.batching import right_pad
 
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
@@ -97,16 +98,6 @@ class Batch:
     n_rewrite: int
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(map(len, rows))
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 def subject_rows(tok, req: EditRequest, templates: Sequence[str]) -> tuple[list[list[int]], list[int]]:
     """Token ids of ``template ⊕ prompt`` per template and the subject's last-token index in each."""
     rows, idx = [], []
@@ -129,7 +120,7 @@ def build_batch(tok, req: EditRequest, templates: Sequence[str], device) -> Batc
     kl_ids = encode(tok, req.subject + " is a")
     rows.append(kl_ids)
     s_idx.append(len(encode(tok, req.subject)) - 1)
-    ids, mask = _pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    ids, mask = right_pad(rows, tok.pad_token_id)
     return Batch(ids.to(device), mask.to(device), torch.tensor(s_idx, device=device), torch.tensor(q_idx, device=device),
                  label_pos, tgt, len(prompt_rows))
 
@@ -252,7 +243,7 @@ def module_io_at(model, module_name: str, rows: list[list[int]], idx: Sequence[i
         cap["in"], cap["out"] = inp[0].detach(), (out[0] if isinstance(out, tuple) else out).detach()
 
     dev = next(model.parameters()).device
-    ids, mask = _pad(rows, pad_id)
+    ids, mask = right_pad(rows, pad_id)
     h = module.register_forward_hook(hook)
     try:
         model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model_layer.batching import right_pad
 from driftbench.io import atomic_write_bytes, dumps_line, sha256_file, sha256_text
 
 
@@ -101,12 +102,7 @@ class _StopForward(Exception):
 
 
 def _accumulate(model, batch, acc, captured, count, max_tokens, pad_id, bar) -> int:
-    n = max(map(len, batch))
-    ids = torch.full((len(batch), n), pad_id if pad_id is not None else 0, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, b in enumerate(batch):
-        ids[i, : len(b)] = torch.tensor(b)
-        mask[i, : len(b)] = 1
+    ids, mask = right_pad(batch, pad_id)
     captured.clear()
     dev = next(model.parameters()).device
     try:

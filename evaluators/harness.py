@@ -84,14 +84,18 @@ def _resumable_loop(out_path: Path, cases: list[Case], fp: str, compute: Callabl
 
 
 def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out_path: Path,
-            batch_size: int = 32, progress: bool = True) -> list[dict]:
-    """Score every case on the unedited model once; every cell of this model reuses these rows."""
+            batch_size: int = 32, progress: bool = True, model_id: str | None = None) -> list[dict]:
+    """Score every case on the unedited model once; every cell of this model reuses these rows.
+
+    ``model_id`` identifies the weights (e.g. GGUF sha256 or hub id@revision) so that pointing the same model name
+    at other weights never reuses old rows on resume."""
     from evaluators.scoring import ProbeScorer
 
     scorer = ProbeScorer(model, tok, batch_size=batch_size)
     env = environment(model)
     # batch size is part of the identity: padding changes float results at the 1e-8 level
-    fp = fingerprint({"stage": "pre", "model": model_name, "dataset": content_id, "env": env, "batch_size": batch_size})
+    fp = fingerprint({"stage": "pre", "model": model_name, "model_id": model_id or model_name, "dataset": content_id,
+                      "env": env, "batch_size": batch_size})
 
     def compute(case: Case):
         t0 = time.perf_counter()
@@ -103,8 +107,9 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
 
 
 def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre_path: Path, out_path: Path,
-             batch_size: int = 32, verify_restore: bool = False, progress: bool = True) -> list[dict]:
-    """Edit → score → restore for each case of one cell (model × editor × ±SADR)."""
+             batch_size: int = 32, verify_restore: bool = False, progress: bool = True,
+             model_id: str | None = None) -> list[dict]:
+    """Edit → score → restore for each case of one cell (model × editor × ±SADR); ``model_id`` as in `run_pre`."""
     from editors.base import get_editor
     from evaluators.scoring import ProbeScorer
     from model_layer.checksum import param_checksum
@@ -122,8 +127,8 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
     hparams = dict(spec.hparams, sadr=spec.sadr)
     scorer = ProbeScorer(model, tok, batch_size=batch_size)
     env = environment(model)
-    fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "dataset": content_id, "hparams": hparams, "env": env,
-                      "batch_size": batch_size})
+    fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "model_id": model_id or spec.model_name,
+                      "dataset": content_id, "hparams": hparams, "env": env, "batch_size": batch_size})
     before = param_checksum(model) if verify_restore else None
 
     from evaluators.drift import DriftProbe

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from model_layer.batching import right_pad
+
 
 @contextmanager
 def eager_attention(model):
@@ -40,13 +42,7 @@ def last_token_attention(model, tok, texts: Sequence[str], subject_char_end: Seq
         return torch.zeros(0)
     rows = [tok(t)["input_ids"] for t in texts]
     subj = [token_index_at_char(tok, t, e - 1) for t, e in zip(texts, subject_char_end)]
-    n = max(map(len, rows))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(rows), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = right_pad(rows, tok.pad_token_id)
     dev = next(model.parameters()).device
     with eager_attention(model):
         att = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_attentions=True, use_cache=False).attentions

@@ -360,6 +360,28 @@ def test_verify_restore_passes_for_a_correct_editor(tmp_path, monkeypatch, refer
                     reference.dir / "pre.jsonl", tmp_path / "careful.jsonl", verify_restore=True, progress=False)
     assert param_checksum(model) == before
     assert [r["case_id"] for r in rows] == [c.case_id for c in cases]
-    assert [r["editor"]["diagnostics"] for r in rows] == [{"layer": i % 4} for i in range(5)]
+    assert [r["editor"]["diagnostics"]["layer"] for r in rows] == [i % 4 for i in range(5)]
+    # every edited case carries the attention-drift diagnostic, on the probes the case has
+    for r, c in zip(rows, cases):
+        drift = r["editor"]["diagnostics"]["attn_drift"]
+        assert len(drift.get("neighborhood_distracted", [])) == len(c.neighborhood)
     assert all(r["pre"] == p["scores"] for r, p in zip(rows, reference.pre))
     assert any(r["post"] != r["pre"] for r in rows)  # the edits were real and the scorer saw them
+
+
+def test_other_weights_or_batch_size_are_recomputed(tmp_path, reference, data, tiny, counters):
+    """The same model name pointed at other weights (model_id), or another batch size (padding moves floats),
+    must never reuse rows on resume."""
+    from evaluators.harness import run_pre
+
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path, cell=False)
+    counters.update(edit=0, score=0)
+    run_pre(model, tok, MODEL, data.content_id, data.cases, work / "pre.jsonl", progress=False)
+    assert counters["score"] == 0  # same identity: everything reused
+    run_pre(model, tok, MODEL, data.content_id, data.cases, work / "pre.jsonl", progress=False, model_id="other@1")
+    assert counters["score"] == N_CASES
+    counters.update(edit=0, score=0)
+    run_pre(model, tok, MODEL, data.content_id, data.cases, work / "pre.jsonl", progress=False, model_id="other@1",
+            batch_size=3)
+    assert counters["score"] == N_CASES
