@@ -64,7 +64,8 @@ def _hparams(params, profile, name: str, editor: str) -> dict:
         hp.setdefault("model_id", _model_id(profile, name))
         hp.setdefault("stats_dir", str(Path("stats") / name))
         corpus = hp.get("stats_corpus", "wikitext-2-raw/wiki.test.raw")
-        hp["stats_corpus"] = str(resolve_mirror(params["data"]["mirror"]) / corpus)
+        if not corpus.startswith("hub:"):  # a file of the data mirror
+            hp["stats_corpus"] = str(resolve_mirror(params["data"]["mirror"]) / corpus)
     return hp
 
 

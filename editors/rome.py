@@ -22,7 +22,7 @@ from editors.base import EditHandle
 from editors.core import (VHparams, build_batch, generate_context_templates, make_request, module_io_at,
                           optimise_target, rank_one_direction, rank_one_update, subject_rows)
 from editors.sadr import SADRLoss
-from editors.stats import StatsKey, corpus_sha256, load_or_compute, wikitext_articles
+from editors.stats import StatsKey, corpus_sha256, hub_corpus, load_or_compute, wikitext_articles
 from model_layer.arch import arch_for
 
 
@@ -70,16 +70,22 @@ class Rome:
         return self._templates[key]
 
     def covariance(self, model, tok, module: str, hp: RomeHparams, progress: bool = False):
-        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed and saved there if missing."""
-        if not Path(hp.stats_corpus).is_file():
-            raise FileNotFoundError(f"stats corpus {hp.stats_corpus} not found: set the data mirror "
-                                    "(DRIFTBENCH_DATA_MIRROR) or hparams 'stats_corpus'")
+        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed and saved there if missing.
+
+        ``stats_corpus`` is a WikiText raw file, or ``hub:wikipedia`` / ``hub:wikitext-103`` (paper profile; needs
+        the `datasets` hub)."""
+        if hp.stats_corpus.startswith("hub:"):
+            name = hp.stats_corpus[4:]
+            corpus_id, texts = hp.stats_corpus, (lambda: hub_corpus(name))
+        else:
+            if not Path(hp.stats_corpus).is_file():
+                raise FileNotFoundError(f"stats corpus {hp.stats_corpus} not found: set the data mirror "
+                                        "(DRIFTBENCH_DATA_MIRROR) or hparams 'stats_corpus'")
+            corpus_id, texts = corpus_sha256(hp.stats_corpus), (lambda: wikitext_articles(hp.stats_corpus))
         key = StatsKey(model_id=hp.model_id or str(getattr(model, "name_or_path", "")), module=module,
-                       corpus_sha256=corpus_sha256(hp.stats_corpus), max_tokens=hp.stats_tokens,
-                       max_len=hp.stats_max_len)
+                       corpus_sha256=corpus_id, max_tokens=hp.stats_tokens, max_len=hp.stats_max_len)
         if key not in self._cov:
-            self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok,
-                                             lambda: wikitext_articles(hp.stats_corpus), progress=progress)
+            self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress)
         return self._cov[key]
 
     def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:

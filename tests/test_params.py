@@ -1,0 +1,37 @@
+"""params.yaml is well-formed: profiles, models, and every editor hyper-parameter block parses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from editors.rome import RomeHparams
+from model_layer.loading import DTYPES
+
+PARAMS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+
+
+def test_paper_profile_lists_the_five_models_with_the_papers_dtypes():
+    models = PARAMS["profiles"]["paper"]["models"]
+    assert {m["ref"]: m["dtype"] for m in models.values()} == {
+        "EleutherAI/gpt-j-6B": "bfloat16", "meta-llama/Meta-Llama-3-8B": "bfloat16",
+        "EleutherAI/gpt-neox-20b": "bfloat16", "meta-llama/Llama-2-13b-hf": "bfloat16",
+        "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": "float32"}
+
+
+def test_every_profile_is_complete_and_its_hparams_parse():
+    for name, prof in PARAMS["profiles"].items():
+        assert prof["models"] and all(m["dtype"] in DTYPES for m in prof["models"].values()), name
+        for model, editors in (prof.get("hparams") or {}).items():
+            assert model in prof["models"], f"{name}: hparams for unknown model {model}"
+            if "rome" in editors:
+                hp = RomeHparams.from_dict(editors["rome"])
+                assert hp.layer >= 0 and hp.sadr_steps >= hp.v_num_grad_steps
+
+
+def test_paper_rome_values_follow_the_reference():
+    hp = {m: RomeHparams.from_dict(e["rome"]) for m, e in PARAMS["profiles"]["paper"]["hparams"].items()}
+    assert (hp["gpt-j-6b"].layer, hp["gpt-j-6b"].sadr_gamma, hp["gpt-j-6b"].v_weight_decay) == (5, 0.01, 0.5)
+    assert (hp["llama3-8b"].sadr_gamma, hp["tinyllama-1.1b"].sadr_gamma) == (0.04, 0.08)
+    assert hp["tinyllama-1.1b"].clamp_norm_factor == 2 and hp["llama2-13b"].layer == 6
+    assert all(h.v_lr == 0.5 and h.v_num_grad_steps == 20 and h.kl_factor == 0.0625 for h in hp.values())
