@@ -111,6 +111,7 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
              model_id: str | None = None) -> list[dict]:
     """Edit → score → restore for each case of one cell (model × editor × ±SADR); ``model_id`` as in `run_pre`."""
     from editors.base import get_editor
+    from evaluators.drift import DriftProbe
     from evaluators.scoring import ProbeScorer
     from model_layer.checksum import param_checksum
 
@@ -130,9 +131,6 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
     fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "model_id": model_id or spec.model_name,
                       "dataset": content_id, "hparams": hparams, "env": env, "batch_size": batch_size})
     before = param_checksum(model) if verify_restore else None
-
-    from evaluators.drift import DriftProbe
-
     probe = DriftProbe(model, tok) if spec.editor != "none" else None
 
     def compute(case: Case):
@@ -146,13 +144,14 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
         diagnostics = dict(handle.diagnostics)
         if probe is not None:
             diagnostics["attn_drift"] = probe.after()
+        t3 = time.perf_counter()
         handle.restore()
         if verify_restore and param_checksum(model) != before:
             raise RuntimeError(f"{spec.cell_id} {case.case_id}: weights differ after restore()")
         row = {"cell": spec.cell_id, "case_id": case.case_id, "source": case.source, "pre": pre[case.case_id],
                "post": post, "editor": {"name": spec.editor, "sadr": spec.sadr, "diagnostics": diagnostics},
                "env": env}
-        return row, {"edit_s": t1 - t0, "score_s": t2 - t1, "restore_s": time.perf_counter() - t2,
+        return row, {"edit_s": t1 - t0, "score_s": t2 - t1, "drift_s": t3 - t2, "restore_s": time.perf_counter() - t3,
                      "editor": handle.timings}
 
     return _resumable_loop(Path(out_path), cases, fp, compute, desc=spec.cell_id, progress=progress)
