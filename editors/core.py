@@ -160,13 +160,12 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
 
     dev = batch.input_ids.device
     module = model.get_submodule(hook_module)
-    d = None
     delta: torch.Tensor | None = None
     v_init: torch.Tensor | None = None
     rows = torch.arange(batch.input_ids.shape[0], device=dev)
 
     def hook(_m, _inp, out):
-        nonlocal v_init, d
+        nonlocal v_init
         hs = out[0] if isinstance(out, tuple) else out
         if v_init is None:
             v_init = hs[0, batch.subject_idx[0]].detach().float().clone()
