@@ -199,10 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_profile(sp, model=True):
+    def with_profile(sp, model=True, progress=False, limit=False):
         sp.add_argument("-p", "--profile", default="embedded", help="profile in params.yaml (default: embedded)")
         if model:
             sp.add_argument("-m", "--model", default=None, help="model key of the profile (default: its only model)")
+        if limit:
+            sp.add_argument("--limit", type=int, default=0, help="only the first N cases (smoke tests)")
+        if progress:
+            sp.add_argument("--no-progress", action="store_true", help="no progress bar")
         return sp
 
     def add(subparsers, name, text):  # the help line also describes the subcommand in its own --help
@@ -220,25 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
                  ).set_defaults(func=cmd_model_prepare)
 
     ev = add(sub, "evaluate", "pre-edit evaluation").add_subparsers(dest="action", required=True)
-    pre = with_profile(add(ev, "pre", "score every case of the subset on the unedited model (resumable)"))
-    pre.add_argument("--limit", type=int, default=0, help="only the first N cases (smoke tests)")
-    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre = with_profile(add(ev, "pre", "score every case of the subset on the unedited model (resumable)"),
+                       progress=True, limit=True)
     pre.set_defaults(func=cmd_evaluate_pre)
 
-    rc = with_profile(add(sub, "run-cell", "edit, score and restore every case of one cell (resumable)"))
+    rc = with_profile(add(sub, "run-cell", "edit, score and restore every case of one cell (resumable)"),
+                      progress=True, limit=True)
     rc.add_argument("-c", "--cell", required=True, help="editor name, with '+sadr' for the SADR variant (e.g. rome+sadr)")
     rc.add_argument("--verify-restore", action="store_true",
                     help="checksum all parameters after each restore and stop if they differ from the original")
-    rc.add_argument("--limit", type=int, default=0, help="only the first N cases (smoke tests)")
-    rc.add_argument("--no-progress", action="store_true", help="no progress bar")
     rc.set_defaults(func=cmd_run_cell)
 
-    tr = with_profile(add(sub, "trace", "causal tracing of MLP outputs on known facts (chooses the edit layer; plot)"))
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr = with_profile(add(sub, "trace", "causal tracing of MLP outputs on known facts (chooses the edit layer; plot)"),
+                      progress=True)
     tr.set_defaults(func=cmd_trace)
 
-    st = with_profile(add(sub, "stats", "second-moment statistics E[kkᵀ] for every edited layer (cached)"))
-    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    st = with_profile(add(sub, "stats", "second-moment statistics E[kkᵀ] for every edited layer (cached)"),
+                      progress=True)
     st.set_defaults(func=cmd_stats)
 
     ag = with_profile(add(sub, "aggregate", "summary tables with 95%% CIs from result files only"), model=False)

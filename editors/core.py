@@ -20,7 +20,7 @@ Deliberate deviations from the reference (documented so numbers can be compared)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F

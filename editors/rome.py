@@ -13,7 +13,7 @@ Deviations: see editors/core.py (target tokenisation, seeded templates, float64 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +116,7 @@ class Rome:
         u = rank_one_direction(c, keys.mean(0))
         batch = build_batch(tok, req, templates, dev)
         extras = [SADRLoss(hp.sadr_gamma, hinge=hp.sadr_hinge, first_layer=hp.layer + 1)] if sadr else []
-        vhp = VHparams(layer=hp.layer, v_num_grad_steps=hp.sadr_steps if sadr else hp.v_num_grad_steps, v_lr=hp.v_lr,
-                       v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
-                       kl_factor=hp.kl_factor, early_stop_loss=hp.early_stop_loss)
+        vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if sadr else hp  # a RomeHparams is a VHparams
         t["keys"] = time.perf_counter()
         res = optimise_target(model, batch, arch.layer("mlp", hp.layer), vhp, extras)
         t["optimise"] = time.perf_counter()

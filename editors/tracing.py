@@ -86,8 +86,6 @@ def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: floa
             return o
 
         def restore(l):
-            lo, hi = max(0, l - window // 2), min(n_layers, l + window // 2 + (window % 2))
-
             def f(m, i, o, l=l):
                 o = o.clone()
                 for r in range(rows * samples):
