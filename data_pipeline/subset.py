@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Iterable
 
 from driftbench.io import atomic_write_json
 
@@ -86,3 +87,21 @@ def write_subset(ids: list[str], path: str | os.PathLike, seed: int | None = Non
     if len(set(ids)) != len(ids):
         raise DatasetError(f"subset ids contain duplicates; not writing {path}")
     atomic_write_json(Path(path), {"size": len(ids), "seed": seed, "case_ids": list(ids)})
+
+
+def held_out(cases: list[Case], size: int, seed: int, exclude: Iterable[str]) -> list[str]:
+    """`size` case ids disjoint from ``exclude`` (a profile's subset), balanced over sources like
+    `stratified_subset`, in a seeded order: the cases a hyper-parameter sweep may look at without touching the
+    reported ones."""
+    skip = set(exclude)
+    orders = {s: [i for i in o if i not in skip] for s, o in source_orders(cases, seed).items()}
+    want = {"counterfact": (size + 1) // 2, "wikidata": size // 2}
+    short = [s for s in ORDER if want[s] > len(orders[s])]
+    if short:
+        raise DatasetError(f"held-out size {size}: not enough {short[0]} cases outside the excluded subset")
+    out = []
+    for i in range(want["counterfact"]):
+        out.append(orders["counterfact"][i])
+        if i < want["wikidata"]:
+            out.append(orders["wikidata"][i])
+    return out

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from driftbench.io import atomic_write_json, atomic_write_text, read_jsonl
-from evaluators.metrics import AVG_S_METRICS, MAGNITUDES, get_protocol, score_cell
+from evaluators.metrics import AVG_S_METRICS, MAGNITUDES, drift_summary, get_protocol, score_cell
 
 PRE_LABEL = "pre (unedited)"
 SADR_SUFFIX = "+sadr"
@@ -105,6 +105,7 @@ def aggregate(result_files: Iterable[Path], out_json: Path, out_md: Path,
         entry = dict(info, n_cases=len(rows), source=path.name)
         for proto in protos:
             entry[proto.id] = score_cell(rows, phase="post", protocol=proto)
+        entry["drift"] = drift_summary(rows)
         cells[cell] = entry
         mkey = f"{info['profile']}/{info['model']}"
         pre_cells.setdefault(mkey, []).append(cell)
@@ -151,18 +152,33 @@ def format_value(value: float | None, ci: float | None = None) -> str:
     return f"{text}({ci * 100:.2f})" if ci is not None else text
 
 
+DRIFT_COLUMNS = {"drift DNS": "drift_DNS", "drift RS": "drift_RS"}
+
+
+def format_plain(m: Mapping | None, digits: int) -> str:
+    """``mean(ci)`` of a ``{"mean", "ci95"}`` entry *without* the ×100 of percentages; "–" when missing."""
+    mean, ci = (m or {}).get("mean"), (m or {}).get("ci95")
+    if mean is None:
+        return MISSING
+    return f"{mean:.{digits}f}" + (f"({ci:.{digits}f})" if ci is not None else "")
+
+
 def _columns(protocol_id: str) -> list[str]:
-    cols = list(TABLE_METRICS) + ["Avg.S"]
+    cols = list(TABLE_METRICS) + ["FL", "PPL", "Avg.S"]
     if get_protocol(protocol_id).magnitude is not None:
         cols += list(MAGNITUDES)
-    return cols
+    return cols + list(DRIFT_COLUMNS)
 
 
-def _row(label: str, scores: Mapping | None, cols: list[str], n_cases: int) -> str:
+def _row(label: str, scores: Mapping | None, cols: list[str], n_cases: int, drift: Mapping | None = None) -> str:
     cells = [label]
     for col in cols:
-        if scores is None:
+        if col in DRIFT_COLUMNS:  # a sum over layers of attention-probability increases: not a percentage
+            cells.append(format_plain((drift or {}).get(DRIFT_COLUMNS[col]), 3))
+        elif scores is None:
             cells.append(MISSING)
+        elif col == "PPL":  # a perplexity, not a percentage
+            cells.append(format_plain(scores.get(col), 2))
         elif col == "Avg.S":
             cells.append(format_value(scores.get("AvgS")))
         else:
@@ -192,7 +208,7 @@ def format_table(summary: Mapping) -> str:
             if pre is not None:
                 lines.append(_row(PRE_LABEL, pre.get(pid), cols, pre["n_cases"]))
             for _, info in entries:
-                lines.append(_row(info["editor"], info.get(pid), cols, info["n_cases"]))
+                lines.append(_row(info["editor"], info.get(pid), cols, info["n_cases"], info.get("drift")))
             blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 
@@ -201,7 +217,13 @@ def render_markdown(summary: Mapping) -> str:
     """The full ``summary.md``: a title, the protocol definitions, then :func:`format_table`."""
     head = ["# driftbench results", "",
             "Entries are percentages: `mean(95% CI half-width)` over all prompts of all cases (micro-average); "
-            "Avg.S = harmonic mean of ES, PS, NS, RS, DNS; “–” = no prompts. Protocols:", ""]
+            "Avg.S = harmonic mean of ES, PS, NS, RS, DNS; “–” = no prompts. "
+            "`drift DNS` / `drift RS` (not percentages): the paper's attention drift (Table 2, factor 1) — per prompt "
+            "Σ over layers of max over heads of the increase in last-token attention to the subject's last token, "
+            "edited vs unedited model, mean(95% CI) over the distracted-neighbourhood and relation prompts. "
+            "FL = n-gram entropy of sampled text × 100 and PPL = ME-PPL on Corpus-50 (a perplexity), both means over "
+            "the CounterFact cases. Protocols:",
+            ""]
     for pid in summary["protocol_ids"]:
         head.append(f"- `{pid}`: {summary.get('protocols', {}).get(pid, get_protocol(pid).doc)}")
     return "\n".join(head) + "\n\n" + format_table(summary)

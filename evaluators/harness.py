@@ -4,7 +4,8 @@ Reliability contract (design.md §6):
 - one JSON line per case, appended and fsynced (`driftbench.io.AppendLog`); a torn last line from ``kill -9``
   is dropped on the next start, so nothing is lost or duplicated;
 - resume skips case ids already done *with the same fingerprint* (model, dataset content id, editor, SADR flag,
-  hparams); rows of another fingerprint or of cases no longer in the subset are discarded;
+  hparams, and the sha256 of the source code that computes the rows, `code_identity`); rows of another
+  fingerprint or of cases no longer in the subset are discarded, so a code change can never leave stale rows;
 - when all cases are done the file is rewritten atomically in subset order, so the final file is
   byte-identical whatever the history of interruptions. Timings (which vary run to run) go to a sidecar
   ``*.timings.jsonl`` so the results file itself stays reproducible; each timing row is appended after its result
@@ -46,6 +47,34 @@ def environment(model) -> dict[str, Any]:
             "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", "")}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# the source that determines a result row (the same paths are the DVC dependencies of the pre_eval/cell stages)
+SCORING_CODE = ("evaluators/probes.py", "evaluators/scoring.py", "evaluators/generation.py", "evaluators/harness.py",
+                "model_layer")
+EDIT_CODE = SCORING_CODE + ("evaluators/drift.py", "editors")
+
+
+def code_identity(paths: tuple[str, ...], extra: tuple[Any, ...] = ()) -> str:
+    """sha256 over the ``*.py`` files under ``paths`` (relative to the repository root) and of the modules that
+    define the objects in ``extra`` (e.g. a plugin editor living outside this repository)."""
+    import hashlib
+    import inspect
+
+    files: set[Path] = set()
+    for rel in paths:
+        p = ROOT / rel
+        files.update(p.rglob("*.py") if p.is_dir() else [p])
+    for obj in extra:
+        src = inspect.getsourcefile(obj if inspect.isclass(obj) or inspect.ismodule(obj) else type(obj))
+        if src:
+            files.add(Path(src).resolve())
+    h = hashlib.sha256()
+    for f in sorted(files):
+        rel = f.relative_to(ROOT).as_posix() if f.is_relative_to(ROOT) else f.name
+        h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def fingerprint(parts: dict[str, Any]) -> str:
     return sha256_text(dumps_line(parts))[:16]
 
@@ -84,19 +113,32 @@ def _resumable_loop(out_path: Path, cases: list[Case], fp: str, compute: Callabl
     return rows
 
 
+def _ppl_texts(ppl_corpus: str | Path | None) -> tuple[list[str] | None, str | None]:
+    """The ME-PPL texts and their file's sha256 (part of the fingerprint); (None, None) disables FL and ME-PPL."""
+    if ppl_corpus is None:
+        return None, None
+    from driftbench.io import sha256_file
+    from evaluators.generation import load_corpus
+
+    return load_corpus(ppl_corpus), sha256_file(ppl_corpus)
+
+
 def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out_path: Path,
-            batch_size: int = 32, progress: bool = True, model_id: str | None = None) -> list[dict]:
+            batch_size: int = 32, progress: bool = True, model_id: str | None = None,
+            ppl_corpus: str | Path | None = None) -> list[dict]:
     """Score every case on the unedited model once; every cell of this model reuses these rows.
 
     ``model_id`` identifies the weights (e.g. GGUF sha256 or hub id@revision) so that pointing the same model name
     at other weights never reuses old rows on resume."""
     from evaluators.scoring import ProbeScorer
 
-    scorer = ProbeScorer(model, tok, batch_size=batch_size)
+    texts, corpus_sha = _ppl_texts(ppl_corpus)
+    scorer = ProbeScorer(model, tok, batch_size=batch_size, ppl_texts=texts)
     env = environment(model)
     # batch size is part of the identity: padding changes float results at the 1e-8 level
     fp = fingerprint({"stage": "pre", "model": model_name, "model_id": model_id or model_name, "dataset": content_id,
-                      "env": env, "batch_size": batch_size})
+                      "env": env, "batch_size": batch_size, "code": code_identity(SCORING_CODE),
+                      "ppl_corpus": corpus_sha})
 
     def compute(case: Case):
         t0 = time.perf_counter()
@@ -109,7 +151,7 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
 
 def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre_path: Path, out_path: Path,
              batch_size: int = 32, verify_restore: bool = False, progress: bool = True,
-             model_id: str | None = None) -> list[dict]:
+             model_id: str | None = None, ppl_corpus: str | Path | None = None) -> list[dict]:
     """Edit → score → restore for each case of one cell (model × editor × ±SADR); ``model_id`` as in `run_pre`."""
     from editors.base import get_editor
     from evaluators.drift import DriftProbe
@@ -127,10 +169,12 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
     if spec.sadr and not getattr(editor, "supports_sadr", False):
         raise ValueError(f"editor {spec.editor!r} does not support SADR")
     hparams = dict(spec.hparams, sadr=spec.sadr)
-    scorer = ProbeScorer(model, tok, batch_size=batch_size)
+    texts, corpus_sha = _ppl_texts(ppl_corpus)
+    scorer = ProbeScorer(model, tok, batch_size=batch_size, ppl_texts=texts)
     env = environment(model)
     fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "model_id": model_id or spec.model_name,
-                      "dataset": content_id, "hparams": hparams, "env": env, "batch_size": batch_size})
+                      "dataset": content_id, "hparams": hparams, "env": env, "batch_size": batch_size,
+                      "code": code_identity(EDIT_CODE, (editor,)), "ppl_corpus": corpus_sha})
     before = param_checksum(model) if verify_restore else None
     probe = DriftProbe(model, tok) if spec.editor != "none" else None
 

@@ -102,3 +102,30 @@ def run_piqa(model, tok, data_file: str | os.PathLike, limit: int | None = None,
                             for s in sorted(res["samples"][name], key=lambda s: s["doc_id"])]
         out[name] = row
     return out
+
+
+ME_PPL_TASK = "me_ppl"
+
+
+def me_ppl_task_config(corpus_file: str | os.PathLike) -> dict[str, Any]:
+    """``tasks/me_ppl.yaml`` as a config dict with its data file replaced by ``corpus_file`` (absolute)."""
+    path = Path(corpus_file).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"ME-PPL corpus {path} not found: set the data mirror (DRIFTBENCH_DATA_MIRROR)")
+    cfg = yaml.safe_load((TASKS_DIR / f"{ME_PPL_TASK}.yaml").read_text(encoding="utf-8"))
+    cfg["dataset_kwargs"] = {**(cfg.get("dataset_kwargs") or {}), "data_files": {"test": str(path)}}
+    return cfg
+
+
+def run_me_ppl(model, tok, corpus_file: str | os.PathLike, batch_size: int = 16, tm=None) -> dict[str, float]:
+    """lm-eval's ``me_ppl`` task on an in-memory model (or LM): ``{"word_perplexity", "byte_perplexity",
+    "bits_per_byte", "n"}``."""
+    import lm_eval.evaluator
+
+    lm = _as_lm(model, tok, batch_size)
+    task_dict = (tm or task_manager()).load([me_ppl_task_config(corpus_file)])
+    res = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, cache_requests=False, bootstrap_iters=0)
+    r = res["results"][ME_PPL_TASK]
+    out = {m: float(r[f"{m},none"]) for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")}
+    out["n"] = int(res["n-samples"][ME_PPL_TASK]["effective"])
+    return out

@@ -238,4 +238,69 @@ def score_cell(rows: Iterable[Mapping], phase: str = "post", protocol: str | Pro
         lp_r, n_r, _, _ = arrays[key]
         out[name] = mean_ci(proto.magnitude(lp_r, n_r))
     out["AvgS"] = harmonic_mean(out[m]["mean"] for m in AVG_S_METRICS)
+    out.update(generation_metrics(rows, phase, proto))
     return out
+
+
+# --------------------------------------------------------------------------------------------------- FL, ME-PPL
+def _ppl_value(row: Mapping, entry, proto: Protocol) -> float:
+    """Per-case ME-PPL under ``proto`` (evaluators/generation.py): the reference's value for `paper`, lm-eval's
+    word perplexity exp(−Σ loglik / Σ words) for `lm-eval`."""
+    try:
+        if proto.id == PAPER.id:
+            v = float(entry["paper"])
+        else:
+            v = math.exp(-float(entry["loglik"]) / int(entry["words"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ValueError(f"{_where(row, 'me_ppl')}: expected {{'paper': float, 'loglik': float, 'words': int}} "
+                         f"({type(e).__name__}: {e})") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{_where(row, 'me_ppl')}: perplexity must be a positive finite number, got {v!r}")
+    return v
+
+
+def generation_metrics(rows: Iterable[Mapping], phase: str, protocol: str | Protocol = "paper") -> dict:
+    """FL (mean n-gram entropy per case; tables show it × 100 like the paper) and PPL (ME-PPL, mean over cases) with
+    95% CIs over the cases that have them (CounterFact cases); ``{}`` if no row has them."""
+    proto = get_protocol(protocol)
+    fl, ppl = [], []
+    for row in sorted(rows, key=lambda r: str(r.get("case_id"))):
+        probes = _phase(row, phase)
+        if "fluency" in probes:
+            e = probes["fluency"].get("entropy") if isinstance(probes["fluency"], Mapping) else None
+            if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e):
+                raise ValueError(f"{_where(row, f'{phase}.fluency.entropy')}: must be a finite number, got {e!r}")
+            fl.append(float(e))
+        if "me_ppl" in probes:
+            ppl.append(_ppl_value(row, probes["me_ppl"], proto))
+    out = {}
+    if fl:
+        out["FL"] = mean_ci(np.asarray(fl))
+    if ppl:
+        out["PPL"] = mean_ci(np.asarray(ppl))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- attention drift
+DRIFT_KEYS = {"drift_DNS": "neighborhood_distracted", "drift_RS": "relation"}
+
+
+def drift_summary(rows: Iterable[Mapping]) -> dict:
+    """Mean attention drift (paper Table 2, factor 1) with 95% CI, pooled over the prompts of all cases, from
+    ``editor.diagnostics.attn_drift`` of each row; ``{}`` for rows without it (the ``none`` cell, pre-edit)."""
+    pooled: dict[str, list[float]] = {k: [] for k in DRIFT_KEYS}
+    seen = False
+    for row in rows:
+        d = ((row.get("editor") or {}).get("diagnostics") or {}).get("attn_drift")
+        if d is None:
+            continue
+        seen = True
+        for name, key in DRIFT_KEYS.items():
+            vals = d.get(key, [])
+            if not all(isinstance(v, (int, float)) for v in vals):
+                raise ValueError(f"case_id {row.get('case_id')!r}: editor.diagnostics.attn_drift.{key} must be a list "
+                                 "of numbers")
+            pooled[name].extend(vals)
+    if not seen:
+        return {}
+    return {name: mean_ci(np.asarray(v, dtype=np.float64)) for name, v in pooled.items()}

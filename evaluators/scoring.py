@@ -34,11 +34,12 @@ def tokenizer_adds_bos(tok) -> bool:
 class ProbeScorer:
     """Wraps a model once; ``score_pairs`` and ``score_case`` reuse the same HFLM for every edit."""
 
-    def __init__(self, model, tok, batch_size: int = 32):
+    def __init__(self, model, tok, batch_size: int = 32, ppl_texts: Sequence[str] | None = None):
         import lm_eval.models.huggingface  # noqa: F401  (explicit import; design.md §5)
         from lm_eval.models.huggingface import HFLM
 
         self.model, self.tok = model, tok
+        self.ppl_texts = list(ppl_texts) if ppl_texts else None
         self.lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size,
                        add_bos_token=tokenizer_adds_bos(tok))
 
@@ -53,8 +54,9 @@ class ProbeScorer:
         out = self.lm._loglikelihood_tokens(reqs, disable_tqdm=True)
         return [(float(lp), len(r[2])) for (lp, _greedy), r in zip(out, reqs)]
 
-    def score_case(self, case: Case) -> dict[str, dict[str, list[list]]]:
-        """Every probe of ``case`` → ``{key: {"right": [[lp, n], ...], "wrong": [[lp, n], ...]}}``."""
+    def score_case(self, case: Case) -> dict[str, dict]:
+        """Every probe of ``case`` → ``{key: {"right": [[lp, n], ...], "wrong": [[lp, n], ...]}}``; with
+        ``ppl_texts`` given, CounterFact cases also get ``"fluency"`` and ``"me_ppl"`` (evaluators.generation)."""
         probes = build_probes(case)
         pairs, index = [], []
         for key, ps in probes.items():
@@ -66,4 +68,9 @@ class ProbeScorer:
         result: dict[str, dict[str, list[list]]] = {k: {"right": [], "wrong": []} for k in probes}
         for (key, side), (lp, n) in zip(index, scores):
             result[key][side].append([lp, n])
+        if self.ppl_texts is not None and case.generation:  # CounterFact cases, as the reference (spec §2.4, §2.6)
+            from evaluators.generation import case_seed, fluency, me_ppl
+
+            result["fluency"] = fluency(self.model, self.tok, case.generation, case_seed(case.case_id))
+            result["me_ppl"] = me_ppl(self.model, self.tok, self.lm, self.ppl_texts)
         return result

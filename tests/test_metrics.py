@@ -239,7 +239,7 @@ def test_aggregate_writes_json_and_markdown(tmp_path):
     editors = [ln.split(" | ")[0].lstrip("| ") for ln in lines[1:]]
     assert editors == ["pre (unedited)", "memit", "rome", "rome+sadr"]
     rome_line = lines[3]
-    assert "66.67(65.33) | 66.67(65.33) | 50.00(56.58) | 50.00(98.00) | 50.00(56.58) | – | 100.00 | – | 55.56" in rome_line
+    assert "66.67(65.33) | 66.67(65.33) | 50.00(56.58) | 50.00(98.00) | 50.00(56.58) | – | 100.00 | – | – | – | 55.56" in rome_line
     lm_table = md.split("protocol `lm-eval`")[1]
     assert "EM" not in lm_table.splitlines()[2]
     # deterministic: same inputs in another order -> byte-identical files
