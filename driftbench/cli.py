@@ -19,7 +19,11 @@ EPILOG = """stages, in pipeline order (all read params.yaml):
   driftbench trace          -p embedded     causal tracing on known facts: which layer to edit (json + png)
   driftbench stats          -p embedded     key second moments E[kk^T] per edited layer (content-named files)
   driftbench run-cell       -p embedded -c rome+sadr   edit -> score -> restore for every case of one cell
+  driftbench sweep          -p embedded -c rome --vary layer=1,3,5   tune on held-out cases (not a stage)
   driftbench aggregate      -p embedded     results/summary.json (+ .md) from result files only
+  driftbench leaderboard    -p embedded     static site/ (tables, chart, per-cell pages) from result files only
+  driftbench submit -p embedded -c rome --submitter NAME   pack a cell's results as a submission bundle
+  driftbench validate BUNDLE...             check a bundle (schema, dataset, protocols, recomputed aggregates)
 Every long stage resumes where it stopped; kill it at any time."""
 
 
@@ -67,6 +71,20 @@ def _hparams(params, profile, name: str, editor: str) -> dict:
         if not corpus.startswith("hub:"):  # a file of the data mirror
             hp["stats_corpus"] = str(resolve_mirror(params["data"]["mirror"]) / corpus)
     return hp
+
+
+def _ppl_corpus(params) -> Path | None:
+    """The ME-PPL corpus of the data mirror (params data.me_ppl_corpus); None disables FL and ME-PPL."""
+    from data_pipeline.dataset import resolve_mirror
+
+    rel = params["data"].get("me_ppl_corpus")
+    if not rel:
+        return None
+    path = resolve_mirror(params["data"]["mirror"]) / rel
+    if not path.is_file():
+        raise SystemExit(f"ME-PPL corpus {path} not found: set the data mirror (DRIFTBENCH_DATA_MIRROR) or "
+                         "params data.me_ppl_corpus")
+    return path
 
 
 def _load(profile, model_name):
@@ -120,6 +138,7 @@ def cmd_evaluate_pre(args, params):
     cases = _subset_cases(params, profile)[: args.limit or None]
     name, model, tok = _load(profile, args.model)
     rows = run_pre(model, tok, name, _card(params)["content_id"], cases, profile.pre_path(name),
+                   ppl_corpus=_ppl_corpus(params),
                    batch_size=int(profile.raw.get("batch_size", 32)), progress=not args.no_progress,
                    model_id=_model_id(profile, name))
     print(f"pre-edit scores for {len(rows)} cases -> {profile.pre_path(name)}")
@@ -136,6 +155,7 @@ def cmd_run_cell(args, params):
     spec = CellSpec(profile.name, name, editor, sadr, hparams)
     out = profile.cell_path(name, args.cell)
     rows = run_cell(model, tok, spec, _card(params)["content_id"], cases, profile.pre_path(name), out,
+                    ppl_corpus=_ppl_corpus(params),
                     batch_size=int(profile.raw.get("batch_size", 32)), verify_restore=args.verify_restore,
                     progress=not args.no_progress, model_id=_model_id(profile, name))
     print(f"{spec.cell_id}: {len(rows)} cases -> {out}")
@@ -152,6 +172,34 @@ def cmd_stats(args, params):
         if hasattr(ed, "prepare"):
             for what in ed.prepare(model, tok, _hparams(params, profile, name, editor), progress=not args.no_progress):
                 print(f"{name} {editor}: {what}")
+
+
+def cmd_sweep(args, params):
+    """Sweep hyper-parameters of one cell on held-out cases (never the profile's reported subset)."""
+    from data_pipeline.dataset import load_cases
+    from data_pipeline.subset import held_out
+    from evaluators.sweep import parse_vary, run_sweep
+
+    profile = get_profile(params, args.profile)
+    editor, sadr = parse_cell(args.cell)
+    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+    reported = [c.case_id for c in _subset_cases(params, profile)]
+    ids = held_out(cases, args.cases, args.seed, exclude=reported)
+    by_id = {c.case_id: c for c in cases}
+    name, model, tok = _load(profile, args.model)
+    out_dir = Path(args.out) if args.out else profile.results_dir(name) / "sweep"
+    base = _hparams(params, profile, name, editor)
+    if "stats_dir" in base:  # the pipeline's stats folder is a DVC output: keep sweep-only layers out of it
+        base["stats_dir"] = str(out_dir / "stats")
+    summary = run_sweep(model, tok, profile=profile.name, model_name=name, editor=editor, sadr=sadr,
+                        base_hparams=base, grid=parse_vary(args.vary),
+                        cases=[by_id[i] for i in ids], content_id=_card(params)["content_id"], out_dir=out_dir,
+                        batch_size=int(profile.raw.get("batch_size", 32)), model_id=_model_id(profile, name),
+                        progress=not args.no_progress)
+    from evaluators.sweep import render
+
+    print(render(summary))
+    print(f"wrote {out_dir / 'sweep.md'}")
 
 
 def cmd_trace(args, params):
@@ -185,6 +233,131 @@ def cmd_aggregate(args, params):
     summary = aggregate(files, Path(args.out_json), Path(args.out_md))
     print(format_table(summary))
     print(f"\nwrote {args.out_json} and {args.out_md}")
+
+
+def _dataset_identity(params, card_path=None, cases_path=None, need_card=True):
+    """(card or None, {version: content_id}, {case_id: source} or None) of the dataset in params.yaml."""
+    from leaderboard.submission import dataset_cases
+
+    out = Path(params["data"]["out"])
+    card_path = Path(card_path) if card_path else out / "card.json"
+    if not card_path.is_file():
+        if need_card:
+            raise SystemExit(f"{card_path} not found: run `driftbench dataset build` (or pass --card)")
+        print(f"warning: {card_path} not found: dataset version unknown, submissions cannot be validated "
+              "(run `driftbench dataset build`)", file=sys.stderr)
+        return None, {}, None
+    card = json.loads(card_path.read_text())
+    cases_path = Path(cases_path) if cases_path else out / "cases.jsonl"
+    cases = dataset_cases(cases_path) if cases_path.is_file() else None
+    return card, {card["version"]: card["content_id"]}, cases
+
+
+def _result_files(paths) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.glob("*.jsonl") if not f.name.endswith(".timings.jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SystemExit(f"{p}: no such result file or folder")
+    return files
+
+
+def cmd_leaderboard(args, params):
+    from leaderboard.provenance import git_commit
+    from leaderboard.site import build_site
+    from leaderboard.submission import BundleError
+
+    files = []
+    if not args.no_profile:
+        profile = get_profile(params, args.profile)
+        wanted = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("cells", [])]
+        missing = [str(f) for f in wanted if not f.is_file()]
+        if missing and not args.allow_missing:
+            raise SystemExit(f"missing result files {missing}: run their `driftbench run-cell` stages first "
+                             "(or pass --allow-missing)")
+        files += [f for f in wanted if f.is_file()]
+    files += _result_files(args.results)
+    if args.no_paper:
+        paper = None
+    elif args.paper_csv:
+        paper = Path(args.paper_csv)
+    else:
+        from data_pipeline.dataset import resolve_mirror
+
+        paper = resolve_mirror(params["data"]["mirror"]) / "paper_reported.csv"
+    if paper is not None and not paper.is_file():
+        raise SystemExit(f"{paper} not found: pass --paper-csv PATH, or --no-paper to leave the paper's rows out")
+    card, _, cases = _dataset_identity(params, need_card=False)
+    try:
+        data = build_site(sorted(set(files)), Path(args.out), submissions_dir=Path(args.submissions),
+                          paper_csv=paper, dvc_lock=Path(args.dvc_lock), params=params, card=card,
+                          git=git_commit("."), on_invalid="skip" if args.skip_invalid else "error",
+                          dataset_cases=cases, log=(lambda m: None) if args.quiet else print)
+    except BundleError as exc:
+        raise SystemExit(f"{exc}\nfix or remove the bundle, or pass --skip-invalid to build without it")
+    kinds = {}
+    for e in data.entries:
+        kinds[e.kind] = kinds.get(e.kind, 0) + 1
+    for r in data.rejected:
+        print(f"left out an invalid submission:\n{r}", file=sys.stderr)
+    print(f"leaderboard: {kinds.get('pipeline', 0)} pipeline cells, {kinds.get('submission', 0)} submissions, "
+          f"{kinds.get('paper', 0)} paper rows, {data.build['n_rows']} per-case rows -> {args.out}/index.html "
+          f"(serve it: python -m http.server -d {args.out})")
+
+
+def cmd_submit(args, params):
+    from leaderboard.provenance import git_commit
+    from leaderboard.submission import BundleError, bundle_name, pack_bundle
+
+    profile = get_profile(params, args.profile)
+    name, _ = profile.model(args.model)
+    editor, _ = parse_cell(args.cell)
+    result = Path(args.results) if args.results else profile.cell_path(name, args.cell)
+    if not result.is_file():
+        raise SystemExit(f"{result} not found: run `driftbench run-cell -p {profile.name} -m {name} -c {args.cell}` first")
+    card, datasets, cases = _dataset_identity(params, args.card)
+    hparams = ((profile.raw.get("hparams") or {}).get(name) or {}).get(editor)
+    out = Path(args.out) if args.out else Path(args.submissions) / bundle_name(f"{profile.name}/{name}/{args.cell}")
+    try:
+        path = pack_bundle(result, out, dataset={"version": card["version"], "content_id": card["content_id"]},
+                           editor={"version": args.editor_version, "description": args.description, "url": args.url,
+                                   "plugin": args.plugin, "package": args.package,
+                                   "hparams": hparams if hparams is not None else None},
+                           submitter={"name": args.submitter, "contact": args.contact, "affiliation": args.affiliation},
+                           protocols=args.protocol or None, git_commit=git_commit(".")["commit"], notes=args.notes,
+                           tar=args.tar, datasets=datasets, dataset_case_map=cases)
+    except (BundleError, FileExistsError, ValueError) as exc:
+        raise SystemExit(str(exc))
+    print(f"packed and validated {path}; check it with `driftbench validate {path}`, then open a pull request "
+          "adding it under leaderboard/submissions/")
+
+
+def cmd_validate(args, params):
+    from leaderboard.submission import BundleError, validate_bundle
+
+    _, datasets, cases = _dataset_identity(params, args.card, args.cases)
+    if args.no_case_check:
+        cases = None
+    elif cases is None:
+        print("note: the dataset's cases.jsonl is not here, so case ids are not checked against it "
+              "(run `driftbench dataset build`)", file=sys.stderr)
+    bad = 0
+    for path in args.bundles:
+        try:
+            b = validate_bundle(path, datasets, cases)
+        except BundleError as exc:
+            bad += 1
+            print(f"REJECTED {exc}", file=sys.stderr)
+            continue
+        m = b.metadata
+        print(f"OK {path}: {m['cell']} ({m['editor']['name']} {m['editor']['version']}), {len(b.rows)} cases, "
+              f"dataset {m['dataset']['version']} ({m['dataset']['content_id']}), protocols "
+              f"{', '.join(m['protocol_ids'])}; every aggregate of summary.json recomputed from cases.jsonl")
+    if bad:
+        raise SystemExit(f"{bad} of {len(args.bundles)} bundle(s) rejected")
 
 
 def cmd_editors(args, params):
@@ -243,10 +416,72 @@ def build_parser() -> argparse.ArgumentParser:
                       progress=True)
     st.set_defaults(func=cmd_stats)
 
+    sw = with_profile(add(sub, "sweep", "hyper-parameter sweep of one cell on held-out cases (resumable; table in "
+                          "results/<profile>/<model>/sweep/sweep.md)"), progress=True)
+    sw.add_argument("-c", "--cell", required=True, help="editor, with '+sadr' for the SADR variant (e.g. rome+sadr)")
+    sw.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
+                    help="hparam values to try on top of the profile's (repeatable; the grid is their product)")
+    sw.add_argument("--cases", type=int, default=8, help="held-out cases, balanced over sources (default 8)")
+    sw.add_argument("--seed", type=int, default=7, help="seed of the held-out order (default 7)")
+    sw.add_argument("--out", default=None, help="output folder (default results/<profile>/<model>/sweep)")
+    sw.set_defaults(func=cmd_sweep)
+
     ag = with_profile(add(sub, "aggregate", "summary tables with 95%% CIs from result files only"), model=False)
     ag.add_argument("--out-json", default="results/summary.json")
     ag.add_argument("--out-md", default="results/summary.md")
     ag.set_defaults(func=cmd_aggregate)
+
+    lb = with_profile(add(sub, "leaderboard", "build the static leaderboard site (index with one table per model, "
+                          "SADR deltas, ES-vs-DNS trade-off chart, per-cell pages with per-case drill-down and "
+                          "provenance) from result files, accepted submissions and the paper's reported numbers; "
+                          "no network requests, works from file:// or any static host"), model=False)
+    lb.add_argument("--results", action="append", default=[], metavar="PATH",
+                    help="extra result file (or folder of *.jsonl) to include; repeatable")
+    lb.add_argument("--no-profile", action="store_true", help="only the --results files, not the profile's cells")
+    lb.add_argument("--allow-missing", action="store_true", help="skip profile cells that have no result file yet")
+    lb.add_argument("--out", default="site", help="output folder, replaced atomically (default: site)")
+    lb.add_argument("--submissions", default="leaderboard/submissions",
+                    help="folder of accepted submission bundles (default: leaderboard/submissions)")
+    lb.add_argument("--paper-csv", default=None,
+                    help="the paper's reported numbers (default: paper_reported.csv of the data mirror)")
+    lb.add_argument("--no-paper", action="store_true", help="leave the paper's reported rows out")
+    lb.add_argument("--dvc-lock", default="dvc.lock", help="dvc.lock to read provenance from (default: dvc.lock)")
+    lb.add_argument("--skip-invalid", action="store_true",
+                    help="leave invalid submission bundles out (listed on the page) instead of failing")
+    lb.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    sm = with_profile(add(sub, "submit", "pack one cell's results (per-case rows, recomputed summary, metadata) into "
+                          "a submission bundle under leaderboard/submissions/ and validate it"))
+    sm.add_argument("-c", "--cell", required=True, help="editor, with '+sadr' for the SADR variant (e.g. myedit+sadr)")
+    sm.add_argument("--submitter", required=True, help="your name (shown on the site)")
+    sm.add_argument("--contact", default=None, help="e-mail or handle (shown on the site)")
+    sm.add_argument("--affiliation", default=None, help="affiliation (shown on the site)")
+    sm.add_argument("--editor-version", default="unversioned", help="version of the editor (default: unversioned)")
+    sm.add_argument("--description", default="", help="one paragraph on the editor (plain text, shown escaped)")
+    sm.add_argument("--url", default=None, help="paper or code URL (http/https)")
+    sm.add_argument("--plugin", default=None,
+                    help="entry point of the editor, e.g. 'myedit = mypkg.editor:MyEdit' (group driftbench.editors)")
+    sm.add_argument("--package", default=None, help="pip requirement that provides the plugin, e.g. mypkg==1.0")
+    sm.add_argument("--notes", default=None, help="anything reviewers should know (plain text)")
+    sm.add_argument("--protocol", action="append", default=[], metavar="ID",
+                    help="metric protocol to include (repeatable; default: all, i.e. paper and lm-eval)")
+    sm.add_argument("--results", default=None, help="result file to pack (default: the profile's cell file)")
+    sm.add_argument("--card", default=None, help="dataset card (default: <data.out>/card.json)")
+    sm.add_argument("--submissions", default="leaderboard/submissions", help="where bundles go (default: %(default)s)")
+    sm.add_argument("--out", default=None, help="bundle folder (default: <submissions>/<profile>__<model>__<cell>)")
+    sm.add_argument("--tar", action="store_true", help="write <out>.tar.gz instead of a folder")
+    sm.set_defaults(func=cmd_submit)
+
+    va = add(sub, "validate", "check submission bundles: JSON Schema, dataset version and content id, protocol ids, "
+             "file hashes, rows vs dataset, and every aggregate of summary.json recomputed from cases.jsonl "
+             "(exit status 1 when any bundle is rejected)")
+    va.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folder or .tar.gz")
+    va.add_argument("--card", default=None, help="dataset card (default: <data.out>/card.json)")
+    va.add_argument("--cases", default=None, help="dataset cases.jsonl to check case ids against "
+                    "(default: <data.out>/cases.jsonl when present)")
+    va.add_argument("--no-case-check", action="store_true", help="do not check case ids against the dataset")
+    va.set_defaults(func=cmd_validate)
 
     add(sub, "editors", "list available editors (built-in and plugins)").set_defaults(func=cmd_editors)
     return p

@@ -54,10 +54,12 @@ def parse_cell_id(cell: str) -> dict:
     return {"profile": profile, "model": model, "editor": editor, "base_editor": base, "sadr": sadr}
 
 
-def _load_cell(path: Path) -> tuple[str, list[dict]]:
+def load_cell(path: str | Path) -> tuple[str, list[dict]]:
+    """Rows of one result file, checked: JSON objects sharing one cell id, every case once."""
+    path = Path(path)
     rows = list(read_jsonl(path))
     if not rows:
-        raise ValueError(f"{path}: result file has no rows, so it names no cell")
+        raise ValueError(f"{path}: result file has no rows, so it names no cell; rerun its `driftbench run-cell` stage")
     for no, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise ValueError(f"{path}: row {no} is not a JSON object")
@@ -90,7 +92,7 @@ def aggregate(result_files: Iterable[Path], out_json: Path, out_md: Path,
         raise ValueError("aggregate needs at least one metric protocol")
     by_cell: dict[str, tuple[Path, list[dict]]] = {}
     for path in sorted(Path(p) for p in result_files):
-        cell, rows = _load_cell(path)
+        cell, rows = load_cell(path)
         if cell in by_cell:
             raise ValueError(f"{path}: cell {cell!r} is also in {by_cell[cell][0]}; give each cell one result file")
         by_cell[cell] = (path, rows)

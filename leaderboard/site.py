@@ -1,0 +1,561 @@
+"""The static leaderboard (``driftbench leaderboard``): result files → ``site/`` (reads files only; no torch).
+
+Inputs: per-case result files of pipeline cells (``results/<profile>/<model>/cells/*.jsonl``), accepted submission
+bundles (``leaderboard/submissions/``), the paper's reported numbers (``paper_reported.csv`` of the data mirror),
+dvc.lock, params.yaml and the dataset card. Every score is recomputed from per-case rows with
+``evaluators.metrics.score_cell`` (summaries inside bundles are only compared, never shown).
+
+Output (written to a temporary folder next to ``out_dir`` and swapped in with renames, so ``site/`` is either the
+old or the complete new build)::
+
+    site/index.html            one table per model (+ SADR deltas + trade-off chart), filters and sorting
+    site/cells/<slug>.html     per-cell page: scores, drift, provenance, per-case drill-down
+    site/cells/<slug>.csv      the drill-down's per-case numbers
+    site/data/summary.json     pipeline cells in the exact format of ``evaluators.aggregate`` (results/summary.json)
+    site/data/leaderboard.json every leaderboard entry with its provenance (frozen JSON release of the site)
+    site/assets/               leaderboard.css, leaderboard.js (no network requests, no external files)
+
+Pages work from ``file://`` and from any static host: data are embedded in the HTML as JSON blocks, scripts only
+set ``textContent``, and a Content-Security-Policy forbids inline scripts and every network request.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from markupsafe import Markup
+
+from driftbench import __version__
+from evaluators.aggregate import PRE_LABEL, TABLE_METRICS, parse_cell_id
+from evaluators.metrics import MAGNITUDES, PROTOCOLS, drift_summary, get_protocol, score_cell
+from leaderboard import provenance as prov
+from leaderboard.chart import tradeoff_svg
+from leaderboard.paper import normalise_name, read_paper_csv
+from leaderboard.scores import load_result_file, per_case
+from leaderboard.submission import BundleError, find_bundles, validate_bundle
+
+HERE = Path(__file__).resolve().parent
+INDEX_METRICS: tuple[str, ...] = TABLE_METRICS + ("FL", "PPL")   # then Avg.S
+RAW_METRICS = ("FL", "PPL")       # not fractions: shown as they are
+REPRO_TOL = 0.01                  # |Δ| of every accuracy mean (fraction) for a submission to count as reproduced
+KIND_ORDER = {"pre": 0, "pipeline": 1, "submission": 2, "paper": 3}
+ORIGIN = {"pre": "pipeline", "pipeline": "pipeline", "submission": "submission", "paper": "paper"}
+ORIGIN_TEXT = {"pipeline": "this pipeline", "submission": "submission", "paper": "reported in paper"}
+
+
+@dataclass
+class Entry:
+    """One leaderboard entry: a cell of this pipeline, the unedited model, a submission, or a paper row."""
+    key: str
+    kind: str                      # pre | pipeline | submission | paper
+    model: str                     # model name as its source spells it
+    profile: str
+    editor: str                    # display name: "rome+sadr", "pre (unedited)", …
+    base_editor: str               # lower-case, for filters and SADR pairs
+    sadr: bool
+    dataset: str                   # dataset version, e.g. "paper-v1" (the filter value)
+    n_cases: int | None
+    scores: dict                   # protocol id -> score_cell output (+ FL/PPL when present)
+    drift: dict = field(default_factory=dict)
+    badges: list = field(default_factory=list)   # [(css class, text, tooltip)]
+    note: str = ""
+    cell: str | None = None
+    href: str | None = None
+    page: dict | None = None       # cell-page data (provenance, per-case), pipeline and submission entries
+    group: str = ""
+    dataset_id: str | None = None  # its content id (None for the paper's own rows)
+
+    @property
+    def origin(self) -> str:
+        return ORIGIN[self.kind]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def slug(text: str, prefix: str = "", unique: str | None = None) -> str:
+    """File-name-safe, collision-free name: readable part of ``text`` + 8 hex of the sha256 of ``unique`` (default
+    ``text``)."""
+    readable = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "cell"
+    return f"{prefix}{readable}-{hashlib.sha256((unique or text).encode('utf-8')).hexdigest()[:8]}"
+
+
+def json_script(obj: Any) -> Markup:
+    """JSON for a ``<script type="application/json">`` block: ``<``, ``>``, ``&`` escaped so no text can end it."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return Markup(text)
+
+
+def fmt_metric(metric: str, value: Mapping | float | None, ci: bool = True) -> tuple[str, str, str]:
+    """``(value text, ci text, sort key)`` of one table entry; accuracies in %, FL/PPL raw, "–" when missing."""
+    if isinstance(value, Mapping):
+        mean, half = value.get("mean"), value.get("ci95")
+    else:
+        mean, half = value, None
+    if mean is None:
+        return "–", "", ""
+    scale = 1.0 if metric in RAW_METRICS else 100.0
+    text = f"{mean * scale:.2f}"
+    ci_text = f"±{half * scale:.2f}" if (ci and half is not None) else ""
+    return text, ci_text, repr(float(mean))
+
+
+def metric_value(scores: Mapping | None, metric: str):
+    if not scores:
+        return None
+    return scores.get("AvgS") if metric == "Avg.S" else scores.get(metric)
+
+
+def _mean(v) -> float | None:
+    return v.get("mean") if isinstance(v, Mapping) else v
+
+
+def _ci(v) -> float | None:
+    return v.get("ci95") if isinstance(v, Mapping) else None
+
+
+
+
+# --------------------------------------------------------------------------------------------------- collection
+@dataclass
+class SiteData:
+    entries: list[Entry]
+    protocols: list[str]
+    build: dict
+    summary: dict                  # aggregate-compatible summary of the pipeline cells
+    rejected: list[str] = field(default_factory=list)
+
+
+def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path | None = None,
+            paper_csv: str | Path | None = None, dvc_lock: str | Path | None = None,
+            params: Mapping | None = None, card: Mapping | None = None, git: Mapping | None = None,
+            protocols: Iterable[str] = ("paper", "lm-eval"), on_invalid: str = "error",
+            dataset_cases: Mapping[str, str] | None = None, root: str | Path = ".",
+            log=None) -> SiteData:
+    """Read every input and compute every entry (no rendering). ``on_invalid``: "error" raises on an invalid
+    submission bundle; "skip" leaves it out and records why in ``SiteData.rejected``."""
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    log = log or (lambda msg: None)
+    protocols = [get_protocol(p).id for p in protocols]
+    git = dict(git) if git is not None else prov.git_commit(root)
+    lock = prov.read_dvc_lock(dvc_lock)
+    version = (card or {}).get("version") or ((params or {}).get("data") or {}).get("version")
+    content_id = (card or {}).get("content_id")
+    datasets = {version: content_id} if version and content_id else {}
+    our_dataset = version or "unknown"
+    entries: list[Entry] = []
+
+    # ---- pipeline cells, one result file at a time (rows are dropped after use; pre rows kept per model)
+    seen_cells: dict[str, Path] = {}
+    pre_rows: dict[str, dict[str, dict]] = {}       # "<profile>/<model>" -> case_id -> minimal row
+    pre_origin: dict[str, dict[str, str]] = {}
+    pre_cells: dict[str, list[str]] = {}
+    cell_pages: list[tuple[Entry, set]] = []
+    summary_cells: dict[str, dict] = {}
+    for path in sorted(Path(p) for p in result_files):
+        cell, rows = load_result_file(path)
+        if cell in seen_cells:
+            raise ValueError(f"{path}: cell {cell!r} is also in {seen_cells[cell]}; give each cell one result file")
+        seen_cells[cell] = path
+        info = parse_cell_id(cell)
+        log(f"{cell}: {len(rows)} cases")
+        scores = {p: score_cell(rows, phase="post", protocol=p) for p in protocols}
+        drift = drift_summary(rows)
+        summary_cells[cell] = dict(info, n_cases=len(rows), source=path.name, drift=drift, **scores)
+        mkey = f"{info['profile']}/{info['model']}"
+        pre_cells.setdefault(mkey, []).append(cell)
+        known, origin = pre_rows.setdefault(mkey, {}), pre_origin.setdefault(mkey, {})
+        for row in rows:
+            cid = row["case_id"]
+            if cid in known:
+                if known[cid]["pre"] != row.get("pre"):
+                    raise ValueError(f"{path}: case_id {cid!r} has pre-edit probes that differ from those in cell "
+                                     f"{origin[cid]!r}; pre-edit results are shared per model, so these files come "
+                                     "from different pre-edit runs; recompute one of them")
+                continue
+            known[cid] = {"cell": cell, "case_id": cid, "pre": row.get("pre")}
+            origin[cid] = cell
+        stage = prov.stage_of_output(lock, path, root)
+        page = {
+            "per_case": per_case(rows, protocols),
+            "provenance": {
+                "result_file": _rel(path, root),
+                "dvc": stage,
+                "hparams": prov.hparams_slice(params, info["profile"], info["model"], info["base_editor"]),
+                "dataset": {"version": version, "content_id": content_id},
+                "git": git,
+                "environments": prov.environments(rows),
+                "fingerprints": prov.fingerprints(rows),
+            },
+        }
+        e = Entry(key=f"pipeline:{cell}", kind="pipeline", model=info["model"], profile=info["profile"],
+                  editor=info["editor"], base_editor=info["base_editor"].lower(), sadr=info["sadr"],
+                  dataset=our_dataset, dataset_id=content_id, n_cases=len(rows), scores=scores, drift=drift,
+                  cell=cell, page=page,
+                  badges=[("b-pipeline", "this pipeline", "computed by `dvc repro` of this repository")])
+        if stage is not None and not stage["out_matches"]:
+            e.badges.append(("b-warn", "changed since dvc.lock",
+                             "the result file differs from the md5 that dvc.lock records: rerun `dvc repro`"))
+        entries.append(e)
+        cell_pages.append((e, set(page["per_case"]["case_id"])))
+        del rows
+
+    # ---- the unedited model, once per model over the union of its cells' cases (as evaluators.aggregate does)
+    summary_pre: dict[str, dict] = {}
+    pre_by_model: dict[str, tuple[dict, set]] = {}
+    for mkey in sorted(pre_rows):
+        profile, model = mkey.split("/", 1)
+        rows = list(pre_rows[mkey].values())
+        scores = {p: score_cell(rows, phase="pre", protocol=p) for p in protocols}
+        summary_pre[mkey] = dict(profile=profile, model=model, editor=PRE_LABEL, n_cases=len(rows),
+                                 cells=sorted(pre_cells[mkey]), **scores)
+        pre_by_model[mkey] = (scores, set(pre_rows[mkey]))
+        entries.append(Entry(key=f"pre:{mkey}", kind="pre", model=model, profile=profile, editor=PRE_LABEL,
+                             base_editor="none", sadr=False, dataset=our_dataset, dataset_id=content_id,
+                             n_cases=len(rows), scores=scores,
+                             badges=[("b-pipeline", "this pipeline", "pre-edit scores shared by every editor"),
+                                     ("b-pre", "unedited", "the model before any edit")]))
+    for e, case_ids in cell_pages:       # pre-edit scores of exactly the cell's cases, for its page
+        mkey = f"{e.profile}/{e.model}"
+        scores, union = pre_by_model[mkey]
+        if case_ids == union:
+            e.page["pre"] = scores
+        else:
+            rows = [pre_rows[mkey][c] for c in sorted(case_ids)]
+            e.page["pre"] = {p: score_cell(rows, phase="pre", protocol=p) for p in protocols}
+    del pre_rows
+
+    # ---- submissions (validated again here: schema, dataset, protocols, recomputed aggregates)
+    rejected: list[str] = []
+    pipeline_by_cell = {e.cell: (e, ids) for e, ids in cell_pages}
+    for bpath in find_bundles(submissions_dir) if submissions_dir else []:
+        try:
+            b = validate_bundle(bpath, datasets, dataset_cases)
+        except BundleError as exc:
+            if on_invalid == "error":
+                raise
+            rejected.append(str(exc))
+            log(f"skipped invalid bundle {bpath}")
+            continue
+        m = b.metadata
+        info = parse_cell_id(m["cell"])
+        scores = {p: b.summary["post"][p] for p in m["protocol_ids"]}
+        e = Entry(key=f"submission:{_rel(bpath, root)}", kind="submission", model=info["model"],
+                  profile=info["profile"], editor=info["editor"], base_editor=info["base_editor"].lower(),
+                  sadr=info["sadr"], dataset=m["dataset"]["version"], dataset_id=m["dataset"]["content_id"],
+                  n_cases=len(b.rows), scores=scores, drift=b.summary["drift"], cell=m["cell"],
+                  note=f"v{m['editor']['version']} · {m['submitter']['name']}")
+        reproduced = _reproduced(b, pipeline_by_cell.get(m["cell"]))
+        e.badges.append(("b-verified", "verified", f"reproduced by this pipeline ({reproduced})") if reproduced
+                        else ("b-self", "self-reported", "submitted results, validated but not reproduced by the "
+                              "pipeline"))
+        e.page = {"per_case": per_case(b.rows, m["protocol_ids"]), "pre": b.summary["pre"],
+                  "provenance": {"bundle": _rel(bpath, root), "metadata": m, "verified": reproduced,
+                                 "environments": prov.environments(b.rows),
+                                 "fingerprints": prov.fingerprints(b.rows), "git": git}}
+        entries.append(e)
+
+    # ---- the paper's reported rows
+    if paper_csv:
+        for i, rec in enumerate(read_paper_csv(paper_csv)):
+            base = rec["editor"].lower()
+            entries.append(Entry(key=f"paper:{i}", kind="paper", model=rec["model"], profile="paper",
+                                 editor=base + ("+sadr" if rec["sadr"] else ""), base_editor=base, sadr=rec["sadr"],
+                                 dataset="paper-v1", n_cases=None, scores=rec["scores"],
+                                 note=rec["source"],
+                                 badges=[("b-paper", "reported in paper",
+                                          f"{rec['source']}, Wang et al. (ICLR 2025), transcribed; not recomputed")]))
+
+    _assign_groups(entries, params)
+    for e in entries:
+        if e.page is not None:
+            e.href = f"cells/{slug(e.cell or e.key, 'sub-' if e.kind == 'submission' else '', e.key)}.html"
+    summary = {"protocol_ids": protocols, "protocols": {p: PROTOCOLS[p].doc for p in protocols},
+               "cells": summary_cells, "pre": summary_pre}
+    build = {"git": git, "driftbench_version": __version__, "dataset": {"version": version, "content_id": content_id},
+             "paper_csv": Path(paper_csv).name if paper_csv else None, "n_rows": sum(
+                 len(e.page["per_case"]["case_id"]) for e in entries if e.page)}
+    return SiteData(entries=entries, protocols=protocols, build=build, summary=summary, rejected=rejected)
+
+
+def _rel(path: str | Path, root: str | Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _reproduced(bundle, pipeline: tuple[Entry, set] | None) -> str | None:
+    """Why the pipeline reproduces a submission (same cell, dataset, cases; every accuracy within REPRO_TOL), or None."""
+    if pipeline is None:
+        return None
+    entry, case_ids = pipeline
+    m = bundle.metadata
+    if (entry.dataset, entry.dataset_id) != (m["dataset"]["version"], m["dataset"]["content_id"]):
+        return None
+    if case_ids != {r["case_id"] for r in bundle.rows}:
+        return None
+    worst = 0.0
+    for p in m["protocol_ids"]:
+        ours, theirs = entry.scores.get(p), bundle.summary["post"].get(p)
+        if ours is None or theirs is None:
+            return None
+        for metric in TABLE_METRICS:
+            a, b = _mean(ours.get(metric)), _mean(theirs.get(metric))
+            if (a is None) != (b is None):
+                return None
+            if a is not None:
+                worst = max(worst, abs(a - b))
+    if worst > REPRO_TOL:
+        return None
+    return f"same cell, dataset and {len(case_ids)} cases; every accuracy within {worst * 100:.2f} points"
+
+
+def _assign_groups(entries: list[Entry], params: Mapping | None) -> None:
+    """One table per model: entries whose model names normalise alike (``GPT-J-6B`` ~ ``gpt-j-6b``) share one; the
+    table is named after our model key when we have one."""
+    names: dict[str, str] = {}
+    for prof in ((params or {}).get("profiles") or {}).values():
+        for key in (prof.get("models") or {}):
+            names.setdefault(normalise_name(key), key)
+    for e in entries:
+        if e.kind != "paper":
+            names[normalise_name(e.model)] = e.model
+    for e in entries:
+        e.group = names.get(normalise_name(e.model), e.model)
+
+
+# --------------------------------------------------------------------------------------------------- views
+def _sort_key(e: Entry) -> tuple:
+    return (0 if e.base_editor == "none" else 1, e.base_editor, e.sadr, KIND_ORDER[e.kind], e.note, e.key)
+
+
+def _row_view(e: Entry, protocol: str) -> dict:
+    scores = e.scores.get(protocol)
+    cells = []
+    for metric in INDEX_METRICS + ("Avg.S",):
+        text, ci, key = fmt_metric(metric, metric_value(scores, metric))
+        cells.append({"metric": metric, "text": text, "ci": ci, "key": key})
+    return {"e": e, "protocol": protocol, "cells": cells, "sadr": "true" if e.sadr else "false",
+            "origin": e.origin, "n_cases": "" if e.n_cases is None else e.n_cases}
+
+
+def _pair_key(e: Entry) -> tuple:
+    """Entries that differ only by the SADR flag share this key (same origin, profile, dataset, paper table or
+    submission version, and base editor)."""
+    return (e.origin, e.profile, e.dataset, e.dataset_id or "", e.note, e.base_editor)
+
+
+def _delta_rows(entries: list[Entry], protocols: list[str]) -> list[dict]:
+    """Per (origin, profile, dataset, paper table, editor, protocol): ``+sadr`` minus plain, in points.
+    The ± is sqrt(ci_a² + ci_b²), an unpaired normal approximation (conservative: both cells share their cases)."""
+    pairs: dict[tuple, dict[bool, Entry]] = {}
+    for e in entries:
+        if e.kind in ("pipeline", "submission", "paper") and e.base_editor != "none":
+            pairs.setdefault(_pair_key(e), {})[e.sadr] = e
+    out = []
+    for key in sorted(pairs, key=str):
+        two = pairs[key]
+        if False not in two or True not in two:
+            continue
+        a, b = two[False], two[True]
+        for p in protocols:
+            sa, sb = a.scores.get(p), b.scores.get(p)
+            if not sa or not sb:
+                continue
+            cells = []
+            for metric in INDEX_METRICS + ("Avg.S",):
+                va, vb = metric_value(sa, metric), metric_value(sb, metric)
+                ma, mb = _mean(va), _mean(vb)
+                if ma is None or mb is None:
+                    cells.append({"metric": metric, "text": "–", "ci": "", "key": "", "cls": ""})
+                    continue
+                scale = 1.0 if metric in RAW_METRICS else 100.0
+                d = (mb - ma) * scale
+                ca, cb = _ci(va), _ci(vb)
+                ci = f"±{((ca ** 2 + cb ** 2) ** 0.5) * scale:.2f}" if ca is not None and cb is not None else ""
+                cls = "" if metric in RAW_METRICS or abs(d) < 0.005 else ("pos" if d > 0 else "neg")
+                cells.append({"metric": metric, "text": f"{d:+.2f}", "ci": ci, "key": repr(d), "cls": cls})
+            out.append({"editor": a.base_editor, "origin": a.origin, "origin_text": ORIGIN_TEXT[a.origin],
+                        "note": a.note or a.profile, "dataset": a.dataset, "protocol": p,
+                        "cells": cells, "href_a": a.href, "href_b": b.href})
+    return out
+
+
+def _chart_points(entries: list[Entry], protocol: str) -> list[dict]:
+    pts = []
+    for e in entries:
+        s = e.scores.get(protocol)
+        if not s:
+            continue
+        label = e.editor if e.kind != "pre" else "pre"
+        if e.kind == "paper":
+            label += " (paper)"
+        elif e.kind == "submission":
+            label += " (sub.)"
+        pts.append({"label": label, "kind": e.kind, "origin": e.origin, "origin_text": ORIGIN_TEXT[e.origin],
+                    "editor": e.base_editor, "sadr": "true" if e.sadr else "false", "dataset": e.dataset,
+                    "pair": _pair_key(e),
+                    "x": s.get("ES") or {}, "y": s.get("DNS") or {}})
+    return pts
+
+
+def _groups(data: SiteData) -> list[dict]:
+    by: dict[str, list[Entry]] = {}
+    for e in data.entries:
+        by.setdefault(e.group, []).append(e)
+    ours = {e.group for e in data.entries if e.kind != "paper"}
+    groups = []
+    for g in sorted(by, key=lambda g: (g not in ours, g.lower())):
+        es = sorted(by[g], key=_sort_key)
+        protos = [p for p in data.protocols if any(p in e.scores for e in es)]
+        groups.append({
+            "name": g, "id": slug(g, "m-"),
+            "paper_only": g not in ours,
+            "rows": [_row_view(e, p) for p in protos for e in es if p in e.scores],
+            "deltas": _delta_rows(es, protos),
+            "charts": [{"protocol": p, "svg": tradeoff_svg(_chart_points(es, p), p,
+                                                          f"{g}: ES vs DNS, protocol {p}")} for p in protos],
+        })
+    return groups
+
+
+def _filters(data: SiteData) -> dict:
+    es = data.entries
+    return {"model": sorted({e.group for e in es}, key=str.lower),
+            "editor": sorted({e.base_editor for e in es}, key=lambda b: (b != "none", b)),
+            "protocol": list(data.protocols),
+            "dataset": sorted({e.dataset for e in es}),
+            "origin": [o for o in ("pipeline", "submission", "paper") if any(e.origin == o for e in es)]}
+
+
+# --------------------------------------------------------------------------------------------------- cell pages
+def _score_table(e: Entry, protocols: list[str]) -> list[dict]:
+    rows = []
+    for p in protocols:
+        post, pre = e.scores.get(p), (e.page.get("pre") or {}).get(p)
+        if post is None:
+            continue
+        metrics = INDEX_METRICS + ("Avg.S",) + tuple(MAGNITUDES)
+        for phase, s in (("pre", pre), ("post", post)):
+            rows.append({"protocol": p, "phase": phase, "cls": phase, "cells": [
+                dict(zip(("text", "ci", "key"), fmt_metric(m, metric_value(s, m)))) for m in metrics]})
+        delta = []
+        for m in metrics:
+            a, b = _mean(metric_value(pre, m)), _mean(metric_value(post, m))
+            scale = 1.0 if m in RAW_METRICS else 100.0
+            delta.append({"text": "–" if a is None or b is None else f"{(b - a) * scale:+.2f}", "ci": "", "key": ""})
+        rows.append({"protocol": p, "phase": "Δ (post − pre)", "cls": "delta", "cells": delta})
+    return rows
+
+
+def _case_csv(pc: Mapping) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    cols = [(p, ph, m) for p in pc["s"] for ph in pc["s"][p] for m in pc["metrics"]]
+    w.writerow(["case_id", "source"] + [f"{p}.{ph}.{m}" for p, ph, m in cols] + list(pc["drift"]))
+    for i, cid in enumerate(pc["case_id"]):
+        vals = []
+        for p, ph, m in cols:
+            n = pc["n"][ph][m][i]
+            vals.append("" if n == 0 else f"{pc['s'][p][ph][m][i] / n:.4f}")
+        w.writerow([cid, pc["source"][i]] + vals + ["" if pc["drift"][k][i] is None else pc["drift"][k][i]
+                                                    for k in pc["drift"]])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------- rendering
+def _env():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["json_script"] = json_script
+    env.filters["tojson_pretty"] = lambda o: json.dumps(o, indent=2, sort_keys=True, ensure_ascii=False,
+                                                        default=str)
+    env.filters["safe_url"] = lambda u: u if isinstance(u, str) and re.match(r"^https?://[^\s\"'<>]+$", u) else None
+    return env
+
+
+def render(data: SiteData, out_dir: str | Path) -> None:
+    """Write the site of ``data`` into the (empty or new) folder ``out_dir``."""
+    out = Path(out_dir)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "data").mkdir(exist_ok=True)
+    (out / "assets").mkdir(exist_ok=True)
+    for f in ("leaderboard.css", "leaderboard.js"):
+        shutil.copyfile(HERE / "static" / f, out / "assets" / f)
+    env = _env()
+    metric_doc = {p: PROTOCOLS[p].doc for p in data.protocols}
+    common = {"build": data.build, "protocol_docs": metric_doc, "version": __version__}
+    groups = _groups(data)
+    (out / "index.html").write_text(env.get_template("index.html").render(
+        root="", groups=groups, filters=_filters(data), metrics=INDEX_METRICS + ("Avg.S",),
+        raw_metrics=RAW_METRICS, rejected=data.rejected, **common), encoding="utf-8")
+    cell_tpl = env.get_template("cell.html")
+    for e in data.entries:
+        if e.page is None:
+            continue
+        protos = [p for p in data.protocols if p in e.scores]
+        pc = e.page["per_case"]
+        name = Path(e.href).stem
+        (out / "cells" / f"{name}.csv").write_text(_case_csv(pc), encoding="utf-8")
+        (out / e.href).write_text(cell_tpl.render(
+            root="../", e=e, protocols=protos, score_rows=_score_table(e, protos),
+            score_metrics=INDEX_METRICS + ("Avg.S",) + tuple(MAGNITUDES), cases=pc, csv_name=f"{name}.csv",
+            prov=e.page["provenance"], **common), encoding="utf-8")
+    (out / "data" / "summary.json").write_text(
+        json.dumps(data.summary, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    board = {"driftbench_version": __version__, "build": data.build, "protocol_ids": data.protocols,
+             "entries": [{"key": e.key, "kind": e.kind, "origin": e.origin, "model": e.model, "group": e.group,
+                          "profile": e.profile, "editor": e.editor, "base_editor": e.base_editor, "sadr": e.sadr,
+                          "dataset": e.dataset, "dataset_id": e.dataset_id, "n_cases": e.n_cases, "note": e.note, "cell": e.cell,
+                          "badges": [b[1] for b in e.badges], "href": e.href, "scores": e.scores, "drift": e.drift,
+                          "provenance": (e.page or {}).get("provenance")} for e in data.entries]}
+    (out / "data" / "leaderboard.json").write_text(
+        json.dumps(board, indent=1, sort_keys=True, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by ``tmp`` with renames: readers see the old or the new site, never a half-written one."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_site(result_files: Iterable[str | Path], out_dir: str | Path, **kwargs) -> SiteData:
+    """Collect every input (:func:`collect`, same keyword arguments), render into a temporary folder beside
+    ``out_dir`` and swap it in atomically. Returns the collected data."""
+    out = Path(out_dir)
+    data = collect(result_files, **kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        render(data, tmp)
+        os.chmod(tmp, 0o755)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return data
