@@ -45,7 +45,7 @@ from leaderboard.submission import BundleError, find_bundles, validate_bundle
 
 HERE = Path(__file__).resolve().parent
 INDEX_METRICS: tuple[str, ...] = TABLE_METRICS + ("FL", "PPL")   # then Avg.S
-RAW_METRICS = ("FL", "PPL")       # not fractions: shown as they are
+RAW_METRICS = ("PPL",)            # a perplexity, shown as it is (FL is shown × 100 like the paper)
 REPRO_TOL = 0.01                  # |Δ| of every accuracy mean (fraction) for a submission to count as reproduced
 KIND_ORDER = {"pre": 0, "pipeline": 1, "submission": 2, "paper": 3}
 ORIGIN = {"pre": "pipeline", "pipeline": "pipeline", "submission": "submission", "paper": "paper"}
@@ -96,7 +96,7 @@ def json_script(obj: Any) -> Markup:
 
 
 def fmt_metric(metric: str, value: Mapping | float | None, ci: bool = True) -> tuple[str, str, str]:
-    """``(value text, ci text, sort key)`` of one table entry; accuracies in %, FL/PPL raw, "–" when missing."""
+    """``(value text, ci text, sort key)`` of one table entry; accuracies in %, FL × 100, PPL raw, "–" when missing."""
     if isinstance(value, Mapping):
         mean, half = value.get("mean"), value.get("ci95")
     else:

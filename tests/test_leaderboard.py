@@ -168,7 +168,7 @@ def test_fl_and_ppl_columns_render_when_score_cell_has_them(tmp_path, monkeypatc
 
     def with_fluency(rows, phase="post", protocol="paper"):
         out = real(rows, phase=phase, protocol=protocol)
-        out["FL"] = {"mean": 612.345, "ci95": 1.5, "n": 7}
+        out["FL"] = {"mean": 6.12345, "ci95": 0.015, "n": 7}  # entropy; shown × 100 like the paper
         out["PPL"] = {"mean": 47.25, "ci95": None, "n": 7}
         return out
 
@@ -244,7 +244,7 @@ def test_paper_csv(tmp_path):
     rows = read_paper_csv(paper_csv(tmp_path))
     assert len(rows) == 3 and [r["sadr"] for r in rows] == [False, True, False]
     s = rows[0]["scores"]["paper"]
-    assert s["ES"]["mean"] == pytest.approx(0.9988) and s["FL"]["mean"] == 620.58 and s["AvgS"] is None
+    assert s["ES"]["mean"] == pytest.approx(0.9988) and s["FL"]["mean"] == pytest.approx(6.2058) and s["AvgS"] is None
     assert rows[2]["scores"]["paper"]["AvgS"] == pytest.approx(0.2457) and rows[2]["scores"]["paper"]["EM"]["mean"] is None
     assert normalise_name("GPT-J-6B") == normalise_name("gpt-j-6b") and normalise_name("Llama3-8B") == "llama38b"
     (tmp_path / "SHA256SUMS").write_text("0" * 64 + "  ./paper_reported.csv\n")
