@@ -128,6 +128,10 @@ def counters(monkeypatch):
             calls["edit"] += 1
             return super().edit(model, tok, case, hparams)
 
+    # result fingerprints hash the source of the editor's module; the double counts calls but computes exactly what
+    # NoEdit computes, so it claims NoEdit's module and rows made by the plain editor stay reusable
+    CountingNoEdit.__module__ = editors.base.NoEdit.__module__
+
     monkeypatch.setattr(evaluators.scoring.ProbeScorer, "score_case", counting_score)
     monkeypatch.setitem(editors.base._BUILTINS, "none", CountingNoEdit)
     return calls

@@ -117,3 +117,26 @@ def test_sweep_on_held_out_cases_with_a_tiny_model(tmp_path, mirror, tiny_model_
     assert main(argv) == 0
     assert {p.name: p.read_bytes() for p in sweep.glob("*.jsonl") if "timings" not in p.name} == before
     assert all(len(p.read_text().splitlines()) == 2 for p in sweep.glob("*.timings.jsonl"))
+
+
+def test_code_identity_follows_the_code_and_plugins(tmp_path, monkeypatch):
+    import importlib
+
+    from evaluators.harness import EDIT_CODE, code_identity
+
+    base = code_identity(EDIT_CODE)
+    assert base == code_identity(EDIT_CODE) and len(base) == 16
+    plugin = tmp_path / "my_plugin_editor.py"
+    plugin.write_text("class MyEdit:\n    name = 'myedit'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("my_plugin_editor")
+    with_plugin = code_identity(EDIT_CODE, (mod.MyEdit(),))
+    assert with_plugin != base  # a plugin outside the repository is part of the identity
+    plugin.write_text("class MyEdit:\n    name = 'myedit'  # changed\n")
+    assert code_identity(EDIT_CODE, (mod.MyEdit(),)) != with_plugin
+    # any editor class outside the covered paths counts, e.g. one defined in a test module
+    class Double:
+        pass
+
+    assert code_identity(EDIT_CODE, (Double(),)) != base
+    assert code_identity(("evaluators/probes.py",)) != code_identity(("evaluators/scoring.py",))
