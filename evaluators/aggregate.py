@@ -84,62 +84,74 @@ def _editor_order(info: Mapping) -> tuple:
     return (info["base_editor"], info["sadr"], info["editor"])
 
 
-def aggregate(result_files: Iterable[Path], out_json: Path, out_md: Path,
-              protocols: Iterable[str] = ("paper", "lm-eval")) -> dict:
-    """Score every result file under every protocol; write ``out_json`` and ``out_md`` atomically; return the summary."""
-    protos = [get_protocol(p) for p in protocols]
-    if not protos:
-        raise ValueError("aggregate needs at least one metric protocol")
-    by_cell: dict[str, tuple[Path, list[dict]]] = {}
-    for path in sorted(Path(p) for p in result_files):
-        cell, rows = load_cell(path)
-        if cell in by_cell:
-            raise ValueError(f"{path}: cell {cell!r} is also in {by_cell[cell][0]}; give each cell one result file")
-        by_cell[cell] = (path, rows)
+class SummaryBuilder:
+    """Cell and pre-edit summaries built one result file at a time (a file's rows can be dropped after `add`):
+    `aggregate` and the leaderboard build share it, so both compute exactly the same summary."""
 
-    cells: dict[str, dict] = {}
-    pre_rows: dict[str, dict] = {}          # model key -> case_id -> row
-    pre_from: dict[str, dict] = {}          # model key -> case_id -> cell that supplied its pre
-    pre_cells: dict[str, list[str]] = {}
-    for cell in sorted(by_cell):
-        path, rows = by_cell[cell]
+    def __init__(self, protocols: Iterable[str] = ("paper", "lm-eval")):
+        self.protos = [get_protocol(p) for p in protocols]
+        if not self.protos:
+            raise ValueError("aggregate needs at least one metric protocol")
+        self.cells: dict[str, dict] = {}
+        self.pre_rows: dict[str, dict[str, dict]] = {}  # "<profile>/<model>" -> case_id -> {"cell", "case_id", "pre"}
+        self._paths: dict[str, Path] = {}
+        self._origin: dict[str, dict[str, str]] = {}  # model key -> case_id -> cell that supplied its pre
+        self._pre_cells: dict[str, list[str]] = {}
+
+    def add(self, path: str | Path, cell: str, rows: list[dict]) -> dict:
+        """Score one cell's rows (post phase, every protocol, drift), keep their pre-edit probes; return the entry."""
+        path = Path(path)
+        if cell in self._paths:
+            raise ValueError(f"{path}: cell {cell!r} is also in {self._paths[cell]}; give each cell one result file")
+        self._paths[cell] = path
         info = parse_cell_id(cell)
         entry = dict(info, n_cases=len(rows), source=path.name)
-        for proto in protos:
+        for proto in self.protos:
             entry[proto.id] = score_cell(rows, phase="post", protocol=proto)
         entry["drift"] = drift_summary(rows)
-        cells[cell] = entry
+        self.cells[cell] = entry
         mkey = f"{info['profile']}/{info['model']}"
-        pre_cells.setdefault(mkey, []).append(cell)
-        known, origin = pre_rows.setdefault(mkey, {}), pre_from.setdefault(mkey, {})
+        self._pre_cells.setdefault(mkey, []).append(cell)
+        known, origin = self.pre_rows.setdefault(mkey, {}), self._origin.setdefault(mkey, {})
         for row in rows:
             cid = row["case_id"]
             if cid in known:
-                if known[cid].get("pre") != row.get("pre"):
+                if known[cid]["pre"] != row.get("pre"):
                     raise ValueError(
                         f"{path}: case_id {cid!r} has pre-edit probes that differ from those in cell "
                         f"{origin[cid]!r}; pre-edit results are shared per model, so these files come from different "
                         f"pre-edit runs; recompute one of them")
                 continue
-            known[cid] = row
+            known[cid] = {"cell": cell, "case_id": cid, "pre": row.get("pre")}
             origin[cid] = cell
+        return entry
 
-    pre: dict[str, dict] = {}
-    for mkey in sorted(pre_rows):
-        profile, model = mkey.split("/", 1)
-        rows = list(pre_rows[mkey].values())
-        entry = {"profile": profile, "model": model, "editor": PRE_LABEL, "n_cases": len(rows),
-                 "cells": sorted(pre_cells[mkey])}
-        for proto in protos:
-            entry[proto.id] = score_cell(rows, phase="pre", protocol=proto)
-        pre[mkey] = entry
+    def pre(self) -> dict[str, dict]:
+        """The unedited model per ``<profile>/<model>``, over the union of its cells' cases."""
+        out: dict[str, dict] = {}
+        for mkey in sorted(self.pre_rows):
+            profile, model = mkey.split("/", 1)
+            rows = list(self.pre_rows[mkey].values())
+            entry = {"profile": profile, "model": model, "editor": PRE_LABEL, "n_cases": len(rows),
+                     "cells": sorted(self._pre_cells[mkey])}
+            for proto in self.protos:
+                entry[proto.id] = score_cell(rows, phase="pre", protocol=proto)
+            out[mkey] = entry
+        return out
 
-    summary = {
-        "protocol_ids": [p.id for p in protos],
-        "protocols": {p.id: p.doc for p in protos},
-        "cells": cells,
-        "pre": pre,
-    }
+    def summary(self, pre: dict[str, dict] | None = None) -> dict:
+        return {"protocol_ids": [p.id for p in self.protos], "protocols": {p.id: p.doc for p in self.protos},
+                "cells": self.cells, "pre": self.pre() if pre is None else pre}
+
+
+def aggregate(result_files: Iterable[Path], out_json: Path, out_md: Path,
+              protocols: Iterable[str] = ("paper", "lm-eval")) -> dict:
+    """Score every result file under every protocol; write ``out_json`` and ``out_md`` atomically; return the summary."""
+    builder = SummaryBuilder(protocols)
+    for path in sorted(Path(p) for p in result_files):
+        cell, rows = load_cell(path)
+        builder.add(path, cell, rows)
+    summary = builder.summary()
     atomic_write_json(out_json, summary)
     atomic_write_text(out_md, render_markdown(summary))
     return summary

@@ -35,8 +35,8 @@ from typing import Any, Iterable, Mapping
 from markupsafe import Markup
 
 from driftbench import __version__
-from evaluators.aggregate import PRE_LABEL, TABLE_METRICS, parse_cell_id
-from evaluators.metrics import MAGNITUDES, PROTOCOLS, drift_summary, get_protocol, score_cell
+from evaluators.aggregate import PRE_LABEL, TABLE_METRICS, SummaryBuilder, parse_cell_id
+from evaluators.metrics import MAGNITUDES, PROTOCOLS, get_protocol, score_cell
 from leaderboard import provenance as prov
 from leaderboard.chart import tradeoff_svg
 from leaderboard.paper import normalise_name, read_paper_csv
@@ -156,35 +156,15 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
     entries: list[Entry] = []
 
     # ---- pipeline cells, one result file at a time (rows are dropped after use; pre rows kept per model)
-    seen_cells: dict[str, Path] = {}
-    pre_rows: dict[str, dict[str, dict]] = {}       # "<profile>/<model>" -> case_id -> minimal row
-    pre_origin: dict[str, dict[str, str]] = {}
-    pre_cells: dict[str, list[str]] = {}
+    builder = SummaryBuilder(protocols)       # cell + pre-edit summaries exactly as evaluators.aggregate
     cell_pages: list[tuple[Entry, set]] = []
-    summary_cells: dict[str, dict] = {}
     for path in sorted(Path(p) for p in result_files):
         cell, rows = load_result_file(path)
-        if cell in seen_cells:
-            raise ValueError(f"{path}: cell {cell!r} is also in {seen_cells[cell]}; give each cell one result file")
-        seen_cells[cell] = path
         info = parse_cell_id(cell)
         log(f"{cell}: {len(rows)} cases")
-        scores = {p: score_cell(rows, phase="post", protocol=p) for p in protocols}
-        drift = drift_summary(rows)
-        summary_cells[cell] = dict(info, n_cases=len(rows), source=path.name, drift=drift, **scores)
-        mkey = f"{info['profile']}/{info['model']}"
-        pre_cells.setdefault(mkey, []).append(cell)
-        known, origin = pre_rows.setdefault(mkey, {}), pre_origin.setdefault(mkey, {})
-        for row in rows:
-            cid = row["case_id"]
-            if cid in known:
-                if known[cid]["pre"] != row.get("pre"):
-                    raise ValueError(f"{path}: case_id {cid!r} has pre-edit probes that differ from those in cell "
-                                     f"{origin[cid]!r}; pre-edit results are shared per model, so these files come "
-                                     "from different pre-edit runs; recompute one of them")
-                continue
-            known[cid] = {"cell": cell, "case_id": cid, "pre": row.get("pre")}
-            origin[cid] = cell
+        cell_entry = builder.add(path, cell, rows)
+        scores = {p: cell_entry[p] for p in protocols}
+        drift = cell_entry["drift"]
         stage = prov.stage_of_output(lock, path, root)
         page = {
             "per_case": per_case(rows, protocols),
@@ -211,18 +191,15 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
         del rows
 
     # ---- the unedited model, once per model over the union of its cells' cases (as evaluators.aggregate does)
-    summary_pre: dict[str, dict] = {}
+    summary_pre = builder.pre()
     pre_by_model: dict[str, tuple[dict, set]] = {}
-    for mkey in sorted(pre_rows):
-        profile, model = mkey.split("/", 1)
-        rows = list(pre_rows[mkey].values())
-        scores = {p: score_cell(rows, phase="pre", protocol=p) for p in protocols}
-        summary_pre[mkey] = dict(profile=profile, model=model, editor=PRE_LABEL, n_cases=len(rows),
-                                 cells=sorted(pre_cells[mkey]), **scores)
-        pre_by_model[mkey] = (scores, set(pre_rows[mkey]))
+    for mkey, pre_entry in summary_pre.items():
+        profile, model = pre_entry["profile"], pre_entry["model"]
+        scores = {p: pre_entry[p] for p in protocols}
+        pre_by_model[mkey] = (scores, set(builder.pre_rows[mkey]))
         entries.append(Entry(key=f"pre:{mkey}", kind="pre", model=model, profile=profile, editor=PRE_LABEL,
                              base_editor="none", sadr=False, dataset=our_dataset, dataset_id=content_id,
-                             n_cases=len(rows), scores=scores,
+                             n_cases=pre_entry["n_cases"], scores=scores,
                              badges=[("b-pipeline", "this pipeline", "pre-edit scores shared by every editor"),
                                      ("b-pre", "unedited", "the model before any edit")]))
     for e, case_ids in cell_pages:       # pre-edit scores of exactly the cell's cases, for its page
@@ -231,9 +208,10 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
         if case_ids == union:
             e.page["pre"] = scores
         else:
-            rows = [pre_rows[mkey][c] for c in sorted(case_ids)]
+            rows = [builder.pre_rows[mkey][c] for c in sorted(case_ids)]
             e.page["pre"] = {p: score_cell(rows, phase="pre", protocol=p) for p in protocols}
-    del pre_rows
+    summary_doc = builder.summary(summary_pre)
+    del builder
 
     # ---- submissions (validated again here: schema, dataset, protocols, recomputed aggregates)
     rejected: list[str] = []
@@ -280,8 +258,7 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
     for e in entries:
         if e.page is not None:
             e.href = f"cells/{slug(e.cell or e.key, 'sub-' if e.kind == 'submission' else '', e.key)}.html"
-    summary = {"protocol_ids": protocols, "protocols": {p: PROTOCOLS[p].doc for p in protocols},
-               "cells": summary_cells, "pre": summary_pre}
+    summary = summary_doc
     build = {"git": git, "driftbench_version": __version__, "dataset": {"version": version, "content_id": content_id},
              "paper_csv": Path(paper_csv).name if paper_csv else None, "n_rows": sum(
                  len(e.page["per_case"]["case_id"]) for e in entries if e.page)}
