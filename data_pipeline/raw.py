@@ -9,7 +9,9 @@ Sources (../shared/data/README.md; reference-spec §1.1 for how the paper's rele
 * **KnowEdit WikiData_counterfact** `test_cf.json` (885) / `train_cf.json` (1,455). Each record:
   ``{subject, prompt (filled), target_new, ground_truth, portability: {Reasoning, Subject_Aliasing,
   Logical_Generalization}, locality: {Relation_Specificity, Forgetfulness}}``; every portability/locality entry is a
-  list of ``{prompt, ground_truth}`` where ground_truth is a string, a list of strings, or a list of alias lists.
+  list of ``{prompt, ground_truth}`` where ground_truth is a string (one answer), a list of strings (one answer and
+  its aliases) or a list of alias lists (several answers, each with its aliases); only the first alias of an answer
+  is carried, as in the release.
 
 Mapping to `Case` (the same shape the release has, so raw-derived case ids equal paper-v1's):
 
@@ -21,7 +23,7 @@ Mapping to `Case` (the same shape the release has, so raw-derived case ids equal
 | neighborhood    | neighborhood_prompts → target_true (judged)   | —                                                     |
 | generation      | generation_prompts (duplicates kept)          | —                                                     |
 | subject_alias   | —                                             | portability.Subject_Aliasing, first answer per prompt |
-| reasoning       | —                                             | portability.Reasoning, one probe per answer           |
+| reasoning       | —                                             | portability.Reasoning, one probe per answer (1st alias)|
 | relation        | —                                             | locality.Relation_Specificity, first answer (judged)  |
 | meta            | relation_id, target_new_id, raw index, id     | raw file + index                                      |
 
@@ -259,26 +261,37 @@ def convert_counterfact_record(rec: Any, index: int, file: str = "counterfact.js
     return Case.from_json(d, where=w.prefix)
 
 
-def _answers(w: _Where, gt: Any, path: str) -> list[str]:
-    """KnowEdit ground_truth: a string, a list of strings, or a list of alias lists → flat list, in order."""
+def _answer_groups(w: _Where, gt: Any, path: str) -> list[list[str]]:
+    """KnowEdit ground_truth → answer groups, each a list of aliases with the preferred name first.
+
+    The shapes in KnowEdit's files (EasyEdit examples/KnowEdit.md): a string (one answer), a list of strings (one
+    answer and its aliases), or a list of alias lists (several answers, e.g. ``[["Mongolian"], ["Tuvan"]]``, each
+    with its aliases, e.g. ``[["Syrian pound", "SYP", "LS", "Syrian lira"]]``).
+    """
     if isinstance(gt, str):
-        return [w.text(gt, path)]
+        return [[w.text(gt, path)]]
     if not isinstance(gt, list) or not gt:
         raise w.err(path, f"must be a string or a non-empty list of (lists of) strings, got {gt!r}")
-    out: list[str] = []
-    for i, x in enumerate(gt):
-        if isinstance(x, list):
-            out += w.texts(x, f"{path}[{i}]")
-        else:
-            out.append(w.text(x, f"{path}[{i}]"))
-    if not out:
-        raise w.err(path, "holds no answer")
-    return out
+    if all(isinstance(x, list) for x in gt):
+        groups = [w.texts(x, f"{path}[{i}]") for i, x in enumerate(gt)]
+        for i, g in enumerate(groups):
+            if not g:
+                raise w.err(f"{path}[{i}]", "is an empty alias list")
+        return groups
+    if any(isinstance(x, list) for x in gt):
+        raise w.err(path, f"mixes strings and alias lists: {gt!r}")
+    return [w.texts(gt, path)]
 
 
-#: KnowEdit family → one probe per acceptable answer (True) or one per prompt with its first answer (False).
-#: Inferred from the release (reference-spec §1.1): p-reasoning has 534 duplicate prompts ("one prompt per
-#: acceptable answer"), p-subject_alias and l-relation have none.
+def _answers(w: _Where, gt: Any, path: str) -> list[str]:
+    """One answer per group: its preferred name (the first alias); aliases are not carried (the release has none)."""
+    return [g[0] for g in _answer_groups(w, gt, path)]
+
+
+#: KnowEdit family → one probe per answer (True) or one per prompt with its first answer (False).
+#: Inferred from the release (reference-spec §1.1): p-reasoning has 534 duplicate prompts whose targets are distinct
+#: answers (e.g. "Mongolian", "Tuvan"), never aliases of one answer ("Syrian pound" appears, "SYP" does not);
+#: p-subject_alias and l-relation have no duplicate prompts.
 PER_ANSWER = {"Reasoning": True, "Subject_Aliasing": False, "Relation_Specificity": False,
               "Logical_Generalization": True, "Forgetfulness": False}
 

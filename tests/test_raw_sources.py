@@ -49,7 +49,7 @@ def ke_raw(n: int, *, related_relation: bool = False) -> dict:
     return {"subject": subj, "prompt": f"The country of citizenship of {subj} is", "target_new": "Japan",
             "ground_truth": "France",
             "portability": {"Reasoning": [{"prompt": f"The capital of the country of citizenship of {subj} is",
-                                           "ground_truth": [["Tokyo", "Tokio"]]}],
+                                           "ground_truth": [["Tokyo", "Tokio"], ["Edo"]]}],
                             "Subject_Aliasing": [{"prompt": f"The country of citizenship of P. {n} is",
                                                   "ground_truth": ["Japan"]}],
                             "Logical_Generalization": [{"prompt": f"{subj} is a citizen of",
@@ -113,8 +113,9 @@ def test_knowedit_adapter_flattens_answers_and_drops_unused_families():
     (c,) = convert_knowedit([ke_raw(7, related_relation=True)])
     assert (c.source, c.prompt, c.target_true, c.target_new) == (
         "wikidata", "The country of citizenship of Person 7 is", "France", "Japan")
-    assert [(p.prompt[-14:], p.target) for p in c.reasoning] == [("citizenship of Person 7 is"[-14:], "Tokyo"),
-                                                                 ("citizenship of Person 7 is"[-14:], "Tokio")]
+    reasoning_prompt = "The capital of the country of citizenship of Person 7 is"
+    # one probe per answer (its first alias): [["Tokyo", "Tokio"], ["Edo"]] → Tokyo, Edo
+    assert [(p.prompt, p.target) for p in c.reasoning] == [(reasoning_prompt, "Tokyo"), (reasoning_prompt, "Edo")]
     assert [p.target for p in c.subject_alias] == ["Japan"]
     assert [p.target for p in c.relation] == ["actor", "French"]  # first answer per prompt (release: no duplicates)
     assert c.meta["dropped_probes"] == {"portability.Logical_Generalization": 1, "locality.Forgetfulness": 1}
@@ -302,3 +303,71 @@ def test_apply_judgments_drops_related_and_counts_unparseable():
     assert cases[0].neighborhood != dropped[0].neighborhood  # the input is not mutated
     with pytest.raises(DatasetError, match="keep"):
         apply_judgments(cases, label, "guess")
+
+
+# --------------------------------------------------------------------------------------------- real formats
+
+def test_knowedit_records_in_the_documented_shape():
+    """The WikiData_counterfact record and the test_cf Reasoning block as KnowEdit documents them (EasyEdit
+    examples/KnowEdit.md): string ground truths, and alias lists where only the first alias is an answer."""
+    rec = {"subject": "Frederic Piesch", "prompt": "The name of the position held by Frederic Piesch is",
+           "target_new": "Archbishop of Le\u00f3n, Mexico", "ground_truth": "mayor of Vienna",
+           "portability": {
+               "Subject_Aliasing": [{"prompt": "The name of the position held by Frederic of Pieschen is",
+                                     "ground_truth": "Archbishop of Le\u00f3n, Mexico"}],
+               "Reasoning": [{"prompt": "The name of the currency in the country of citizenship of Frederic Piesch is",
+                              "ground_truth": [["Syrian pound", "SYP", "LS", "Syrian lira"]]},
+                             {"prompt": "The official language of the country of citizenship of Frederic Piesch is",
+                              "ground_truth": [["Arabic", "ar", "Arabic language"], ["Kurdish", "ku"]]}]},
+           "locality": {"Relation_Specificity": [{"prompt": "The gender of Frederic Piesch is", "ground_truth": "male"}],
+                        "Forgetfulness": [{"prompt": "The name of the position held by Frederic Piesch, which is not "
+                                                     "Archbishop of Le\u00f3n, Mexico, is",
+                                           "ground_truth": "mayor of Vienna"}]}}
+    (c,) = convert_knowedit([rec])
+    assert (c.target_true, c.target_new) == ("mayor of Vienna", "Archbishop of Le\u00f3n, Mexico")
+    assert [p.target for p in c.subject_alias] == ["Archbishop of Le\u00f3n, Mexico"]
+    assert [p.target for p in c.reasoning] == ["Syrian pound", "Arabic", "Kurdish"]  # no "SYP", no "ar"
+    assert [(p.prompt, p.target) for p in c.relation] == [("The gender of Frederic Piesch is", "male")]
+    assert c.meta["dropped_probes"] == {"locality.Forgetfulness": 1}
+
+
+def _raw_from_release(rec: dict) -> tuple[str, dict]:
+    """Write one paper-v1 record back in its raw source's format (the inverse of the README's field mapping)."""
+    rr = rec["requested_rewrite"]
+    pairs = lambda key: list(zip(rec[key]["prompts"], rec[key]["targets"])) if rec.get(key) else []  # noqa: E731
+    if "relation_id" in rr:  # CounterFact
+        return "counterfact", {
+            "case_id": 0, "requested_rewrite": {
+                "prompt": rr["prompt"].replace(rr["subject"], "{}", 1), "subject": rr["subject"],
+                "relation_id": rr["relation_id"], "target_new": {"str": rr["target_new"], "id": rr["target_new_id"]},
+                "target_true": {"str": rr["target_true"], "id": "Q0"}},
+            "paraphrase_prompts": [p for p, _ in pairs("p-paraphrase")],
+            "neighborhood_prompts": [p for p, _ in pairs("l-neighbor")],
+            "attribute_prompts": [], "generation_prompts": rec["generation"]["prompts"]}
+    reasoning: dict[str, list] = {}  # duplicate prompts = several answers of one prompt, each with an alias
+    for p, t in pairs("p-reasoning"):
+        reasoning.setdefault(p, []).append([t, f"alias of {t}"])
+    port = {"Reasoning": [{"prompt": p, "ground_truth": g} for p, g in reasoning.items()],
+            "Subject_Aliasing": [{"prompt": p, "ground_truth": t} for p, t in pairs("p-subject_alias")]}
+    loc = {"Relation_Specificity": [{"prompt": p, "ground_truth": t} for p, t in pairs("l-relation")]}
+    return "wikidata", {"subject": rr["subject"], "prompt": rr["prompt"], "target_new": rr["target_new"],
+                        "ground_truth": rr["target_true"], "portability": port,
+                        "locality": loc if "l-relation" in rec else {}}
+
+
+def test_every_paper_v1_record_round_trips_through_the_raw_adapters(mirror):
+    """For each of the 1,678 release records, a raw record in its source's format maps back onto the same case:
+    same content-derived case id, edit and probes. So the adapters reject nothing the paper kept, and a raw-derived
+    version shares paper-v1's ids wherever it shares its edits."""
+    release = json.loads((mirror / "release/merged_counterfact.json").read_text())
+    fields = ("case_id", "source", "subject", "prompt", "target_true", "target_new", "paraphrase", "neighborhood",
+              "generation", "subject_alias", "reasoning", "relation")
+    counts = {"counterfact": 0, "wikidata": 0}
+    for i, rec in enumerate(release):
+        want = convert_record(rec, i)
+        kind, raw = _raw_from_release(rec)
+        (got,) = (convert_counterfact if kind == "counterfact" else convert_knowedit)([raw])
+        counts[kind] += 1
+        for f in fields:
+            assert getattr(got, f) == getattr(want, f), f"release record {i}: field {f} differs"
+    assert counts == {"counterfact": 839, "wikidata": 839}
