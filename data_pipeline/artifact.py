@@ -26,7 +26,7 @@ from typing import Any, Callable
 from driftbench.io import atomic_write_bytes, dumps_line, sha256_file
 
 from .dataset import CARD_JSON, CARD_MD, CASES_FILE, FAMILIES, PIQA_FILE, _family_counts, _write_all, load_cases
-from .judge import PROMPTS_ID, Judge, JudgeConfig, JudgmentCache, public_endpoint, render
+from .judge import PROMPTS_ID, Judge, JudgeConfig, JudgmentCache, cache_key, render
 from .merge import apply_judgments, attach_piqa, balanced_merge, judged_prompts, load_piqa_valid
 from .raw import RAW_SOURCES, RawSource, fetch, load_source
 from .schema import SOURCES, TARGETED_FAMILIES, Case, DatasetError, Probe
@@ -212,6 +212,10 @@ def build_from_raw(cfg: dict, mirror: Path | None, *, mode: str = "live", dry_ru
         if dry_run:
             return est
         labels = judge.run(rendered.values(), mode=mode, progress=progress)
+        # where the answers came from (recorded with each answer), not where this run would ask: a replay from the
+        # cache with another base_url, or none, yields the same card
+        endpoints = sorted({cache.get(cache_key(jcfg.model, p)).get("endpoint", "not recorded")
+                            for p in rendered.values()})
         st = judge.last_stats
         if st.to_ask:
             log(f"  judge: asked {st.asked} (retries {st.retries}: 429 ×{st.rate_limited}, 5xx ×{st.server_errors}, "
@@ -250,7 +254,7 @@ def build_from_raw(cfg: dict, mirror: Path | None, *, mode: str = "live", dry_ru
                  "policy": "uniform with replacement, never the previous case's item"},
         "merge": {"n_per_source": len(cases) // 2, "seed": int(merge_cfg.get("seed", 0)),
                   "available": {s: len(v) for s, v in by_source.items()}, "order": "wikidata, counterfact alternating"},
-        "judge": {"model": jcfg.model, "endpoint": public_endpoint(jcfg.base_url), "prompts_id": PROMPTS_ID,
+        "judge": {"model": jcfg.model, "endpoints": endpoints, "prompts_id": PROMPTS_ID,
                   "temperature": jcfg.temperature, "max_tokens": jcfg.max_tokens, "unparseable": jcfg.unparseable,
                   "summary": jsummary},
         "n_cases": len(cases),

@@ -301,7 +301,7 @@ class Judge:
                     stats.prompt_tokens += pt
                     stats.completion_tokens += ct
                 return {"key": cache_key(self.cfg.model, prompt), "model": self.cfg.model, "prompt": prompt,
-                        "answer": answer, "label": parse_answer(answer),
+                        "endpoint": public_endpoint(self.cfg.base_url), "answer": answer, "label": parse_answer(answer),
                         "usage": {"prompt_tokens": pt, "completion_tokens": ct}}
             except openai.APITimeoutError:
                 kind, why = "timeouts", f"timed out after {self.cfg.timeout:g} s"

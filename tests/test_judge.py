@@ -222,9 +222,11 @@ def test_full_build_from_raw_fixtures_then_offline_byte_identical_rerun(stub, tm
     # rerun with the server stopped and no key: no request, byte-identical artifact (live and replay modes)
     stub.stop()
     monkeypatch.delenv(KEY_ENV)
-    for mode, name in (("live", "b"), ("replay", "c")):
-        cfg2 = build_cfg(tmp_path, "http://127.0.0.1:9/v1", overrides, name)
-        cfg2["judge"]["base_url"] = stub.base_url
+    # (another base_url, or none: the card names the endpoint that answered, which the cache recorded)
+    assert card["judge"]["endpoints"] == [stub.base_url]
+    for mode, name, base_url in (("live", "b", stub.base_url), ("replay", "c", None),
+                                 ("live", "e", "http://127.0.0.1:9/v1")):
+        cfg2 = build_cfg(tmp_path, base_url, overrides, name)
         build_from_raw(cfg2, mirror, mode=mode, offline=True)
         files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
