@@ -281,3 +281,56 @@ def test_cli_build_raw_dry_run_build_and_replay(stub, tmp_path, key, capsys, mon
         main(["--params", str(params), "dataset", "build-raw", "--offline", "--replay", "--model", "other"])
     with pytest.raises(SystemExit, match="error: raw file .*not available offline.*DRIFTBENCH_DATA_MIRROR"):
         main(["--params", str(params), "dataset", "build-raw", "--offline", "--downloads-only", "--dry-run"])
+
+
+# --------------------------------------------------------------------------------------------- the DVC stages
+
+def test_raw_dvc_pipeline_runs_then_reruns_offline_byte_identical(stub, tmp_path, key):
+    """`dvc repro pipelines/raw/dvc.yaml` as written (stage commands, params, deps, outs) on a fixture mirror: the
+    first run asks the loopback judge; with the server stopped, a rebuild of the deleted artifact asks nothing and
+    is byte-identical, and a third run finds everything up to date."""
+    import yaml
+
+    repo, mirror = tmp_path / "repo", tmp_path / "mirror"
+    for rel in ("params.yaml", "pipelines/raw/dvc.yaml", *(p.relative_to(ROOT).as_posix()
+                                                          for p in (ROOT / "data_pipeline").glob("*.py"))):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_bytes((ROOT / rel).read_bytes())
+    overrides = write_raw_mirror(mirror)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["mirror"] = str(mirror)
+    raw = params["data_raw"]
+    raw["source_overrides"] = overrides["source_overrides"]
+    raw["piqa"].update(overrides["piqa"])
+    raw["merge"]["n_per_source"] = 4
+    raw["judge"].update(base_url=stub.base_url, api_key_env=KEY_ENV, model="judge-test")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "DRIFTBENCH_DATA_MIRROR": str(mirror)}
+    env.pop("DRIFTBENCH_OFFLINE", None)
+
+    def sh(*cmd):
+        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+        return r.stdout + r.stderr
+
+    sh("git", "init", "-q")
+    sh(sys.executable, "-m", "dvc", "init", "-q")
+    sh(sys.executable, "-m", "dvc", "repro", "pipelines/raw/dvc.yaml")
+    asked = sum(stub.counts.values())
+    out = repo / "data/raw-v1"
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    card = json.loads(first[Path("card.json")])
+    assert asked == 20 and card["n_cases"] == 8 and card["judge"]["endpoints"] == [stub.base_url]
+    assert (repo / "data/downloads/raw/rome/counterfact.json").is_file()  # raw_fetch materialised the mirror copy
+    assert (repo / "pipelines/raw/dvc.lock").is_file()
+
+    stub.stop()
+    for p in sorted(out.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    out.rmdir()
+    log = sh(sys.executable, "-m", "dvc", "repro", "pipelines/raw/dvc.yaml")
+    assert "0 to ask" in log
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+    assert sum(stub.counts.values()) == asked
+    assert "up to date" in sh(sys.executable, "-m", "dvc", "repro", "pipelines/raw/dvc.yaml")
