@@ -3,7 +3,8 @@
 Layout like the paper profile at full size: the paper's five models × five cells (none, rome, rome+sadr, memit,
 memit+sadr) × 2,000 cases = 50,000 rows (~110 MB of JSONL), plus the paper's reported rows when the data mirror is
 present. Prints the build time and rows/s with its parts (reading + scoring every cell with
-evaluators.metrics.score_cell under both protocols + per-case data, then rendering), and the size of the output.
+evaluators.metrics.score_cell under both protocols + per-case data, then rendering), and the size of the output;
+then the same read + score once more with the pair-validation fast path switched off, side by side, as a ratio.
 Never asserted in tests (timings on a shared machine are noisy).
 
 Usage (from the repo root):
@@ -66,13 +67,28 @@ def main() -> None:
         print(f"build: {total:.1f} s for {n_rows:,} rows = {n_rows / total:,.0f} rows/s "
               f"(read + score + per-case {collect_s:.1f} s, render {render_s:.1f} s); "
               f"site {size:.1f} MB, {pages} cell pages, index {(out / 'index.html').stat().st_size / 1e3:.0f} kB")
+        # side by side: the same collect with every [logprob, n] pair checked one by one (no fast path)
+        import evaluators.metrics as metrics
+
+        fast_pairs = metrics._pairs
+        metrics._pairs = metrics._pairs_checked
+        try:
+            t0 = time.perf_counter()
+            collect(files, paper_csv=paper if paper.is_file() else None, params=params, card=card,
+                    git={"commit": "unknown", "dirty": None})
+            checked_s = time.perf_counter() - t0
+        finally:
+            metrics._pairs = fast_pairs
+        print(f"read + score + per-case: {collect_s:.1f} s with the pair-validation fast path, {checked_s:.1f} s "
+              f"with every pair checked one by one: x{checked_s / collect_s:.2f}")
         print(f"load average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         if args.keep:
             shutil.rmtree(args.keep, ignore_errors=True)
             shutil.copytree(out, args.keep)
             print(f"site copied to {args.keep}")
     res = {"rows": n_rows, "cells": len(files), "input_mb": round(mb_in, 1), "build_s": round(total, 2),
-           "collect_s": round(collect_s, 2), "render_s": round(render_s, 2), "rows_per_s": round(n_rows / total),
+           "collect_s": round(collect_s, 2), "collect_checked_pairs_s": round(checked_s, 2),
+           "fast_path_speedup": round(checked_s / collect_s, 2), "render_s": round(render_s, 2), "rows_per_s": round(n_rows / total),
            "site_mb": round(size, 1), "cell_pages": pages, "cpus": os.cpu_count(),
            "loadavg_1min": round(os.getloadavg()[0], 2)}
     if args.json:

@@ -2,10 +2,11 @@
 
 Input: result JSONL files, one per cell (cell id ``"<profile>/<model>/<editor>"``, editor possibly ending in
 ``"+sadr"``; every row of a file must carry the same cell id). For every cell and every requested protocol the
-post-edit rows are scored with :func:`evaluators.metrics.score_cell`. The pre-edit (unedited model) scores are
-reported once per ``<profile>/<model>``: they are scored over the union of the cases of all that model's cells
-(pre-edit results are shared by every editor of a model, so a case that appears in two cells must carry identical
-``pre`` probes; anything else means the files come from different pre-edit runs and is an error).
+post-edit rows are scored with :func:`evaluators.metrics.score_cell` (through ``score_cell_protocols``, which
+validates the rows once for all protocols). The pre-edit (unedited model) scores are reported once per
+``<profile>/<model>``: they are scored over the union of the cases of all that model's cells (pre-edit results are
+shared by every editor of a model, so a case that appears in two cells must carry identical ``pre`` probes;
+anything else means the files come from different pre-edit runs and is an error).
 
 ``summary.json`` (fractions in [0, 1]; sorted keys; usable as DVC metrics)::
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from driftbench.io import atomic_write_json, atomic_write_text, read_jsonl
-from evaluators.metrics import AVG_S_METRICS, MAGNITUDES, drift_summary, get_protocol, score_cell
+from evaluators.metrics import AVG_S_METRICS, MAGNITUDES, drift_summary, get_protocol, score_cell_protocols
 
 PRE_LABEL = "pre (unedited)"
 SADR_SUFFIX = "+sadr"
@@ -106,8 +107,7 @@ class SummaryBuilder:
         self._paths[cell] = path
         info = parse_cell_id(cell)
         entry = dict(info, n_cases=len(rows), source=path.name)
-        for proto in self.protos:
-            entry[proto.id] = score_cell(rows, phase="post", protocol=proto)
+        entry.update(score_cell_protocols(rows, "post", self.protos))
         entry["drift"] = drift_summary(rows)
         self.cells[cell] = entry
         mkey = f"{info['profile']}/{info['model']}"
@@ -134,8 +134,7 @@ class SummaryBuilder:
             rows = list(self.pre_rows[mkey].values())
             entry = {"profile": profile, "model": model, "editor": PRE_LABEL, "n_cases": len(rows),
                      "cells": sorted(self._pre_cells[mkey])}
-            for proto in self.protos:
-                entry[proto.id] = score_cell(rows, phase="pre", protocol=proto)
+            entry.update(score_cell_protocols(rows, "pre", self.protos))
             out[mkey] = entry
         return out
 

@@ -135,8 +135,26 @@ def _where(row: Mapping, field: str) -> str:
     return f"cell {row.get('cell')!r}, case_id {row.get('case_id')!r}, field {field!r}"
 
 
+_isfinite = math.isfinite
+
+
 def _pairs(row: Mapping, field: str, value) -> tuple[list[float], list[float]]:
-    """Validate a list of ``[logprob_sum, n_tokens]`` pairs; return (logprob sums, token counts)."""
+    """Validate a list of ``[logprob_sum, n_tokens]`` pairs; return (logprob sums, token counts).
+
+    Fast path for what the harness writes (JSON lists of [float, int]); anything else takes the exact per-pair
+    checks below, which name the first bad pair. Both accept and reject the same inputs (tests/test_metrics.py).
+    """
+    if type(value) is list and all(type(p) is list and len(p) == 2 and type(p[0]) is float and type(p[1]) is int
+                                   for p in value):
+        lps = [p[0] for p in value]
+        ns = [p[1] for p in value]
+        if all(_isfinite(x) for x in lps) and all(n > 0 for n in ns):
+            return lps, [float(n) for n in ns]
+    return _pairs_checked(row, field, value)
+
+
+def _pairs_checked(row: Mapping, field: str, value) -> tuple[list[float], list[float]]:
+    """`_pairs` without the fast path: every pair checked, the first bad one named in the error."""
     if not isinstance(value, list):
         raise ValueError(f"{_where(row, field)}: expected a list of [logprob_sum, n_tokens] pairs, got {type(value).__name__}")
     lps, ns = [], []
@@ -225,21 +243,32 @@ def score_cell(rows: Iterable[Mapping], phase: str = "post", protocol: str | Pro
     :data:`MAGNITUDES`. ``n`` is the number of prompts pooled; a metric with no prompts has mean/ci95 None and n 0.
     Raises ValueError naming the cell, case_id and field of the first malformed row.
     """
-    proto = get_protocol(protocol)
+    (out,) = score_cell_protocols(rows, phase, (protocol,)).values()
+    return out
+
+
+def score_cell_protocols(rows: Iterable[Mapping], phase: str = "post",
+                         protocols: Iterable[str | Protocol] = tuple(PROTOCOLS)) -> dict[str, dict]:
+    """``{protocol id: score_cell(rows, phase, protocol)}``, validating and pooling the rows once for all of them."""
+    protos = [get_protocol(p) for p in protocols]
     if phase not in ("pre", "post"):
         raise ValueError(f"phase must be 'pre' or 'post', got {phase!r}")
+    rows = list(rows)
     n_cases, pooled = _collect(rows, phase)
     arrays = {k: [np.asarray(v, dtype=np.float64) for v in cols] for k, cols in pooled.items()}
-    out: dict = {"protocol": proto.id, "n_cases": n_cases}
-    for name, key in METRICS.items():
-        lp_r, n_r, lp_w, n_w = arrays[key]
-        out[name] = mean_ci(proto.success(lp_r, n_r, lp_w, n_w))
-    for name, key in proto.magnitude_metrics.items():
-        lp_r, n_r, _, _ = arrays[key]
-        out[name] = mean_ci(proto.magnitude(lp_r, n_r))
-    out["AvgS"] = harmonic_mean(out[m]["mean"] for m in AVG_S_METRICS)
-    out.update(generation_metrics(rows, phase, proto))
-    return out
+    scores = {}
+    for proto in protos:
+        out: dict = {"protocol": proto.id, "n_cases": n_cases}
+        for name, key in METRICS.items():
+            lp_r, n_r, lp_w, n_w = arrays[key]
+            out[name] = mean_ci(proto.success(lp_r, n_r, lp_w, n_w))
+        for name, key in proto.magnitude_metrics.items():
+            lp_r, n_r, _, _ = arrays[key]
+            out[name] = mean_ci(proto.magnitude(lp_r, n_r))
+        out["AvgS"] = harmonic_mean(out[m]["mean"] for m in AVG_S_METRICS)
+        out.update(generation_metrics(rows, phase, proto))
+        scores[proto.id] = out
+    return scores
 
 
 # --------------------------------------------------------------------------------------------------- FL, ME-PPL

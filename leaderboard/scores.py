@@ -11,7 +11,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from evaluators.aggregate import TABLE_METRICS, load_cell
-from evaluators.metrics import DRIFT_KEYS, METRICS, drift_summary, get_protocol, score_cell
+from evaluators.metrics import DRIFT_KEYS, METRICS, drift_summary, get_protocol, score_cell_protocols
 
 PHASES = ("post", "pre")
 # probe key -> table metric (ES, PS, NS, RS, DNS, RES, OS, DOS)
@@ -27,7 +27,7 @@ def summarize(rows: Sequence[Mapping], protocols: Iterable[str], phases: Iterabl
     """``{"post": {protocol: score_cell(...)}, "pre": {...}, "drift": drift_summary(rows)}`` (the summary.json of
     a submission bundle, minus its header)."""
     protocols = list(protocols)
-    out: dict = {phase: {p: score_cell(rows, phase=phase, protocol=p) for p in protocols} for phase in phases}
+    out: dict = {phase: score_cell_protocols(rows, phase, protocols) for phase in phases}
     out["drift"] = drift_summary(rows)
     return out
 

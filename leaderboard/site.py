@@ -36,7 +36,7 @@ from markupsafe import Markup
 
 from driftbench import __version__
 from evaluators.aggregate import PRE_LABEL, TABLE_METRICS, SummaryBuilder, parse_cell_id
-from evaluators.metrics import MAGNITUDES, PROTOCOLS, get_protocol, score_cell
+from evaluators.metrics import MAGNITUDES, PROTOCOLS, get_protocol, score_cell_protocols
 from leaderboard import provenance as prov
 from leaderboard.chart import tradeoff_svg
 from leaderboard.paper import normalise_name, read_paper_csv
@@ -209,7 +209,7 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
             e.page["pre"] = scores
         else:
             rows = [builder.pre_rows[mkey][c] for c in sorted(case_ids)]
-            e.page["pre"] = {p: score_cell(rows, phase="pre", protocol=p) for p in protocols}
+            e.page["pre"] = score_cell_protocols(rows, "pre", protocols)
     summary_doc = builder.summary(summary_pre)
     del builder
 

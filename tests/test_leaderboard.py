@@ -166,15 +166,16 @@ def test_index_tables_badges_delta_and_chart(tmp_path):
 def test_fl_and_ppl_columns_render_when_score_cell_has_them(tmp_path, monkeypatch):
     import evaluators.aggregate as aggregate_mod  # the site scores cells through aggregate.SummaryBuilder
 
-    real = aggregate_mod.score_cell
+    real = aggregate_mod.score_cell_protocols
 
-    def with_fluency(rows, phase="post", protocol="paper"):
-        out = real(rows, phase=phase, protocol=protocol)
-        out["FL"] = {"mean": 6.12345, "ci95": 0.015, "n": 7}  # entropy; shown × 100 like the paper
-        out["PPL"] = {"mean": 47.25, "ci95": None, "n": 7}
+    def with_fluency(rows, phase="post", protocols=()):
+        out = real(rows, phase, protocols)
+        for scores in out.values():
+            scores["FL"] = {"mean": 6.12345, "ci95": 0.015, "n": 7}  # entropy; shown × 100 like the paper
+            scores["PPL"] = {"mean": 47.25, "ci95": None, "n": 7}
         return out
 
-    monkeypatch.setattr(aggregate_mod, "score_cell", with_fluency)
+    monkeypatch.setattr(aggregate_mod, "score_cell_protocols", with_fluency)
     index = (build(tmp_path) / "index.html").read_text()
     row = [r for r in _rows(_section(index, "tiny")) if 'class="k-pipeline"' in r][0]
     assert "612.35<small>±1.50</small>" in row and ">47.25<" in row

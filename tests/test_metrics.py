@@ -277,3 +277,26 @@ def test_modules_do_not_import_torch():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
+
+
+def test_pair_validation_fast_path_accepts_and_rejects_exactly_like_the_checked_path():
+    from evaluators.metrics import _pairs, _pairs_checked
+
+    row = {"cell": "c", "case_id": "cf-x"}
+    nan, inf = float("nan"), float("inf")
+    inputs = [[], [[-1.5, 2]], [[-1.5, 2], [0.0, 1]], [[-1, 2]], [[-1.5, 2.0]], [[-1.5, 2.5]], [[-1.5, 0]],
+              [[-1.5, -3]], [[nan, 1]], [[-inf, 1]], [[True, 1]], [[-1.5, True]], [[-1.5, "2"]], [["x", 2]],
+              [(-1.5, 2)], [[-1.5, 2, 3]], [[-1.5]], [None], "pairs", None, ((-1.5, 2),), [[-1.5, 2], [nan, 2]],
+              [[-1.5, 2], [-2.0, 0]], [[-1e308, 10**6]]]
+
+    def outcome(fn, value):
+        try:
+            return ("ok", fn(row, "k.right", copy.deepcopy(value)))
+        except ValueError as exc:
+            return ("error", str(exc))
+
+    for value in inputs:
+        fast, checked = outcome(_pairs, value), outcome(_pairs_checked, value)
+        assert repr(fast) == repr(checked), value  # repr: nan-safe comparison
+    assert outcome(_pairs, [[-1.5, 2]]) == ("ok", ([-1.5], [2.0]))
+    assert outcome(_pairs, [[nan, 1]])[0] == "error" and "k.right[0]" in outcome(_pairs, [[nan, 1]])[1]
