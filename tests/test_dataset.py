@@ -16,7 +16,8 @@ from data_pipeline.release import convert_release
 from data_pipeline.schema import Case, DatasetError, PiqaItem, Probe
 from data_pipeline.subset import stratified_subset, write_subset
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared/data"
 RELEASE_REL = "release/merged_counterfact.json"
 RELEASE_SHA = "39ba477f5a69989e7b8b856a72f67f533893c7d0e6944437fec800af99392f83"  # shared/data/SHA256SUMS
 
@@ -300,3 +301,15 @@ def test_subset_too_large_and_write(tmp_path):
     ids = stratified_subset(cases, 4, seed=5)
     write_subset(ids, tmp_path / "subset.json")
     assert json.loads((tmp_path / "subset.json").read_text()) == {"size": 4, "seed": 5, "case_ids": list(ids)}
+
+
+def test_real_release_content_id_is_the_published_one(real_build):
+    """The id a citation names (dvc.yaml `artifacts: paper-v1: meta.content_id`, README, CITATION.cff) is the id this
+    machine builds: content ids depend only on the release bytes and the code, never on the machine or a path."""
+    import yaml
+
+    card, _ = real_build
+    published = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]["paper-v1"]["meta"]["content_id"]
+    assert card["content_id"] == published
+    for doc in ("README.md", "CITATION.cff"):
+        assert published in (ROOT / doc).read_text(encoding="utf-8"), doc
