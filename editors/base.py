@@ -53,7 +53,8 @@ class NoEdit:
         return EditHandle()
 
 
-_BUILTINS: dict[str, Callable[[], Editor] | str] = {"none": NoEdit, "rome": "editors.rome:Rome"}
+_BUILTINS: dict[str, Callable[[], Editor] | str] = {"none": NoEdit, "rome": "editors.rome:Rome",
+                                                    "memit": "editors.memit:Memit"}
 
 
 def _construct(factory: Callable[[], Editor] | str) -> Editor:

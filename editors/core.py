@@ -1,4 +1,4 @@
-"""Shared locate-then-edit core (reference-spec §4.1): used by ROME now, by MEMIT/PMET/AlphaEdit/IntAttn-Edit next.
+"""Shared locate-then-edit core (reference-spec §4.1): ROME and MEMIT now, PMET/AlphaEdit/IntAttn-Edit next.
 
 Each equation lives once here:
 - context templates: ``["{}"]`` + sampled prefixes (top-k = 5) from ["The", "Therefore", "Because", "I", "You"];
@@ -6,7 +6,10 @@ Each equation lives once here:
 - target-vector optimisation: v* = v_init + δ minimising
   NLL(target | x_j ⊕ prompt, δ) + ω·KL(P_δ ‖ P_0)["{subject} is a"] + wd·‖δ‖/‖v_init‖² + Σ extra losses,
   with n iterations and n−1 Adam steps, early stop at total loss < 0.05, δ clamped to clamp·‖v_init‖;
-- the ROME rank-one update  u = C⁻¹k̄/‖C⁻¹k̄‖,  r = (v* − W k*)/(k*·u),  W ← W + r uᵀ.
+- the ROME rank-one update  u = C⁻¹k̄/‖C⁻¹k̄‖,  r = (v* − W k*)/(k*·u),  W ← W + r uᵀ;
+- the MEMIT least-squares update  ΔW = R Kᵀ (λC + K Kᵀ)⁻¹  (float64 solve);
+- grouped key averaging (MEMIT/PMET: per template group first, then across groups);
+- the per-editor caches every locate-then-edit method shares: context templates and second moments C = E[k kᵀ].
 
 Deliberate deviations from the reference (documented so numbers can be compared):
 - target tokens are the continuation tokens of ``prompt + " " + target`` after ``prompt`` (the same split the
@@ -19,8 +22,9 @@ Deliberate deviations from the reference (documented so numbers can be compared)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +149,102 @@ class VHparams:
 
 
 @dataclass
+class LocateHparams(VHparams):
+    """What every locate-then-edit editor shares: target-vector loop, context templates, SADR, statistics."""
+    template_lengths: tuple = ((5, 10), (10, 10))
+    template_seed: int = 0
+    template_brace_fill: str = ""  # "{" and "}" in sampled templates: deleted (ROME) or replaced by a space (MEMIT)
+    # SADR (used only when hparams["sadr"] is true): γ = CLI weight × 1e-4 in the reference; steps replace v_num_grad_steps
+    sadr_gamma: float = 1e-2
+    sadr_steps: int = 80
+    sadr_hinge: bool = True
+    # second-moment statistics
+    stats_dir: str = "stats"
+    stats_corpus: str = "../shared/data/wikitext-2-raw/wiki.test.raw"
+    stats_tokens: int = 100_000
+    stats_max_len: int = 1024
+    model_id: str = ""
+
+    editor: ClassVar[str] = "locate-then-edit"
+    required: ClassVar[dict[str, str]] = {}  # field -> what it is, for the error message
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in fields(cls)} - cls.derived()
+        unknown = set(d) - names - {"sadr"}
+        if unknown:
+            raise ValueError(f"unknown {cls.editor} hyper-parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        for name, what in cls.required.items():
+            if name not in d:
+                raise ValueError(f"{cls.editor} needs hparams {name!r} ({what})")
+        kw = {k: v for k, v in d.items() if k in names}
+        if "template_lengths" in kw:
+            kw["template_lengths"] = tuple(tuple(x) for x in kw["template_lengths"])
+        return cls(**cls.derive(kw))
+
+    @classmethod
+    def derived(cls) -> set[str]:
+        """Fields computed from others (not settable)."""
+        return set()
+
+    @classmethod
+    def derive(cls, kw: dict[str, Any]) -> dict[str, Any]:
+        return kw
+
+    def template_groups(self) -> list[int]:
+        """Sizes of the template groups: the bare ``"{}"`` then one group per (length, n)."""
+        return [1] + [n for _, n in self.template_lengths]
+
+
+class LocateEditor:
+    """Caches shared by locate-then-edit editors: context templates per (model, settings) and C per layer."""
+    supports_sadr = True
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple, list[str]] = {}
+        self._cov: dict[Any, Any] = {}
+
+    def templates(self, model, tok, hp: LocateHparams) -> list[str]:
+        key = (id(model), hp.template_lengths, hp.template_seed, hp.template_brace_fill)
+        if key not in self._templates:
+            self._templates[key] = generate_context_templates(model, tok, hp.template_lengths, hp.template_seed,
+                                                              brace_fill=hp.template_brace_fill)
+        return self._templates[key]
+
+    def covariance(self, model, tok, module: str, hp: LocateHparams, progress: bool = False):
+        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed and saved there if missing.
+
+        ``stats_corpus`` is a WikiText raw file, or ``hub:wikipedia`` / ``hub:wikitext-103`` (paper profile; needs
+        the `datasets` hub)."""
+        from editors.stats import StatsKey, corpus_sha256, hub_corpus, load_or_compute, wikitext_articles
+
+        if hp.stats_corpus.startswith("hub:"):
+            name = hp.stats_corpus[4:]
+            corpus_id, texts = hp.stats_corpus, (lambda: hub_corpus(name))
+        else:
+            if not Path(hp.stats_corpus).is_file():
+                raise FileNotFoundError(f"stats corpus {hp.stats_corpus} not found: set the data mirror "
+                                        "(DRIFTBENCH_DATA_MIRROR) or hparams 'stats_corpus'")
+            corpus_id, texts = corpus_sha256(hp.stats_corpus), (lambda: wikitext_articles(hp.stats_corpus))
+        key = StatsKey(model_id=hp.model_id or str(getattr(model, "name_or_path", "")), module=module,
+                       corpus_sha256=corpus_id, max_tokens=hp.stats_tokens, max_len=hp.stats_max_len)
+        if key not in self._cov:
+            self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress)
+        return self._cov[key]
+
+    def prepare_layers(self, model, tok, hp: LocateHparams, layers: Sequence[int], progress: bool = True) -> list[str]:
+        """Compute (or find) C for the down-projection of every edited layer; returns what was prepared."""
+        from model_layer.arch import arch_for
+
+        arch, done = arch_for(model), []
+        for layer in layers:
+            module = arch.layer("mlp_out", layer)
+            self.covariance(model, tok, module, hp, progress=progress)
+            done.append(f"stats {module} ({hp.stats_tokens:,} tokens) in {hp.stats_dir}")
+        return done
+
+
+@dataclass
 class VResult:
     v_star: torch.Tensor
     v_init: torch.Tensor
@@ -244,8 +344,9 @@ def module_io_at(model, module_name: str, rows: list[list[int]], idx: Sequence[i
     module = model.get_submodule(module_name)
     cap: dict[str, torch.Tensor] = {}
 
-    def hook(_m, inp, out):
-        cap["in"], cap["out"] = inp[0].detach(), (out[0] if isinstance(out, tuple) else out).detach()
+    def hook(_m, inp, out):  # a transformer block may get its hidden states as a keyword: no positional input
+        cap["in"] = inp[0].detach() if inp else None
+        cap["out"] = (out[0] if isinstance(out, tuple) else out).detach()
 
     dev = next(model.parameters()).device
     ids, mask = right_pad(rows, pad_id)
@@ -256,7 +357,15 @@ def module_io_at(model, module_name: str, rows: list[list[int]], idx: Sequence[i
         h.remove()
     r = torch.arange(len(rows), device=dev)
     i = torch.tensor(list(idx), device=dev)
-    return cap["in"][r, i].float(), cap["out"][r, i].float()
+    return (None if cap["in"] is None else cap["in"][r, i].float()), cap["out"][r, i].float()
+
+
+def grouped_mean(keys: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Mean per consecutive group of rows, then the mean of those means (MEMIT/PMET key averaging, spec §4.3):
+    with groups [bare] + [5 templates] the bare prompt weighs 1/2 and each template 1/10."""
+    if sum(sizes) != keys.shape[0]:
+        raise ValueError(f"group sizes {list(sizes)} do not add up to {keys.shape[0]} keys")
+    return torch.stack([g.mean(0) for g in torch.split(keys, list(sizes))]).mean(0)
 
 
 def rank_one_direction(c: torch.Tensor, k_mean: torch.Tensor) -> torch.Tensor:
@@ -273,3 +382,11 @@ def rank_one_update(weight: torch.nn.Parameter, u: torch.Tensor, v_star: torch.T
     with torch.no_grad():
         weight.add_(delta_w.to(weight.dtype))
     return delta_w
+
+
+def least_squares_update(c: torch.Tensor, k: torch.Tensor, resid: torch.Tensor, lam: float) -> torch.Tensor:
+    """MEMIT's ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ in float64 (spec §4.3): for one edit K = k [d_in], R = resid [d_out];
+    returns ΔW in nn.Linear layout [d_out, d_in], fp32."""
+    k64 = k.double().reshape(-1, 1)
+    adj_k = torch.linalg.solve(lam * c.double() + k64 @ k64.T, k64)  # (λC + KKᵀ)⁻¹ K, symmetric system
+    return (resid.double().reshape(-1, 1) @ adj_k.T).float()

@@ -13,87 +13,34 @@ Deviations: see editors/core.py (target tokenisation, seeded templates, float64 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 from data_pipeline.schema import Case
 from editors.base import EditHandle
-from editors.core import (VHparams, build_batch, generate_context_templates, make_request, module_io_at,
-                          optimise_target, rank_one_direction, rank_one_update, subject_rows)
+from editors.core import (LocateEditor, LocateHparams, build_batch, make_request, module_io_at, optimise_target,
+                          rank_one_direction, rank_one_update, subject_rows)
 from editors.sadr import SADRLoss
-from editors.stats import StatsKey, corpus_sha256, hub_corpus, load_or_compute, wikitext_articles
 from model_layer.arch import arch_for
 
 
 @dataclass
-class RomeHparams(VHparams):
-    template_lengths: tuple = ((5, 10), (10, 10))
-    template_seed: int = 0
-    # SADR (used only when hparams["sadr"] is true): γ = CLI weight × 1e-4 in the reference; steps replace v_num_grad_steps
+class RomeHparams(LocateHparams):
+    template_lengths: tuple = ((5, 10), (10, 10))  # 21 flat templates
     sadr_gamma: float = 1e-2
     sadr_steps: int = 80
-    sadr_hinge: bool = True
-    # second-moment statistics
-    stats_dir: str = "stats"
-    stats_corpus: str = "../shared/data/wikitext-2-raw/wiki.test.raw"
-    stats_tokens: int = 100_000
-    stats_max_len: int = 1024
-    model_id: str = ""
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RomeHparams":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names - {"sadr"}
-        if unknown:
-            raise ValueError(f"unknown ROME hyper-parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        if "layer" not in d:
-            raise ValueError("ROME needs hparams 'layer' (the edited MLP layer)")
-        kw = {k: v for k, v in d.items() if k in names}
-        if "template_lengths" in kw:
-            kw["template_lengths"] = tuple(tuple(x) for x in kw["template_lengths"])
-        return cls(**kw)
+    editor: ClassVar[str] = "ROME"
+    required: ClassVar[dict[str, str]] = {"layer": "the edited MLP layer"}
 
 
-class Rome:
+class Rome(LocateEditor):
     name = "rome"
-    supports_sadr = True
-
-    def __init__(self) -> None:
-        self._templates: dict[tuple, list[str]] = {}
-        self._cov: dict[tuple, Any] = {}
-
-    def templates(self, model, tok, hp: RomeHparams) -> list[str]:
-        key = (id(model), hp.template_lengths, hp.template_seed)
-        if key not in self._templates:
-            self._templates[key] = generate_context_templates(model, tok, hp.template_lengths, hp.template_seed)
-        return self._templates[key]
-
-    def covariance(self, model, tok, module: str, hp: RomeHparams, progress: bool = False):
-        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed and saved there if missing.
-
-        ``stats_corpus`` is a WikiText raw file, or ``hub:wikipedia`` / ``hub:wikitext-103`` (paper profile; needs
-        the `datasets` hub)."""
-        if hp.stats_corpus.startswith("hub:"):
-            name = hp.stats_corpus[4:]
-            corpus_id, texts = hp.stats_corpus, (lambda: hub_corpus(name))
-        else:
-            if not Path(hp.stats_corpus).is_file():
-                raise FileNotFoundError(f"stats corpus {hp.stats_corpus} not found: set the data mirror "
-                                        "(DRIFTBENCH_DATA_MIRROR) or hparams 'stats_corpus'")
-            corpus_id, texts = corpus_sha256(hp.stats_corpus), (lambda: wikitext_articles(hp.stats_corpus))
-        key = StatsKey(model_id=hp.model_id or str(getattr(model, "name_or_path", "")), module=module,
-                       corpus_sha256=corpus_id, max_tokens=hp.stats_tokens, max_len=hp.stats_max_len)
-        if key not in self._cov:
-            self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress)
-        return self._cov[key]
 
     def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:
         """Compute (or find) the second-moment statistics of the edited layer; returns what was prepared."""
         hp = RomeHparams.from_dict(hparams)
-        module = arch_for(model).layer("mlp_out", hp.layer)
-        self.covariance(model, tok, module, hp, progress=progress)
-        return [f"stats {module} ({hp.stats_tokens:,} tokens) in {hp.stats_dir}"]
+        return self.prepare_layers(model, tok, hp, [hp.layer], progress)
 
     def edit(self, model, tok, case: Case, hparams: dict[str, Any]) -> EditHandle:
         import time

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from editors.memit import MemitHparams
 from editors.rome import RomeHparams
 from model_layer.loading import DTYPES
 
@@ -24,9 +25,17 @@ def test_every_profile_is_complete_and_its_hparams_parse():
         assert prof["models"] and all(m["dtype"] in DTYPES for m in prof["models"].values()), name
         for model, editors in (prof.get("hparams") or {}).items():
             assert model in prof["models"], f"{name}: hparams for unknown model {model}"
+            assert set(editors) <= {"rome", "memit"}, f"{name}/{model}: hparams for an unknown editor"
             if "rome" in editors:
                 hp = RomeHparams.from_dict(editors["rome"])
                 assert hp.layer >= 0 and hp.sadr_steps >= hp.v_num_grad_steps
+            if "memit" in editors:
+                hp = MemitHparams.from_dict(editors["memit"])
+                assert hp.layers[0] >= 0 and hp.sadr_steps >= hp.v_num_grad_steps
+        for cell in prof["cells"]:  # every cell's editor has hyper-parameters for every model
+            editor = cell.removesuffix("+sadr")
+            if editor != "none":
+                assert all(editor in (prof["hparams"].get(m) or {}) for m in prof["models"]), f"{name}: {cell}"
 
 
 def test_paper_rome_values_follow_the_reference():
@@ -34,4 +43,17 @@ def test_paper_rome_values_follow_the_reference():
     assert (hp["gpt-j-6b"].layer, hp["gpt-j-6b"].sadr_gamma, hp["gpt-j-6b"].v_weight_decay) == (5, 0.01, 0.5)
     assert (hp["llama3-8b"].sadr_gamma, hp["tinyllama-1.1b"].sadr_gamma) == (0.04, 0.08)
     assert hp["tinyllama-1.1b"].clamp_norm_factor == 2 and hp["llama2-13b"].layer == 6
+    assert all(h.v_lr == 0.5 and h.v_num_grad_steps == 20 and h.kl_factor == 0.0625 for h in hp.values())
+
+
+def test_paper_memit_values_follow_the_reference():
+    hp = {m: MemitHparams.from_dict(e["memit"]) for m, e in PARAMS["profiles"]["paper"]["hparams"].items()}
+    assert {m: h.layers for m, h in hp.items()} == {
+        "gpt-j-6b": (3, 4, 5, 6, 7, 8), "llama3-8b": (4, 5, 6, 7, 8), "gpt-neox-20b": (13, 14, 15, 16),
+        "llama2-13b": (5, 6, 7, 8, 9), "tinyllama-1.1b": (3, 4, 5)}
+    assert {m: (h.sadr_steps, h.sadr_gamma) for m, h in hp.items()} == {
+        "gpt-j-6b": (20, 0.005), "llama3-8b": (80, 0.01), "gpt-neox-20b": (80, 0.005), "llama2-13b": (80, 0.04),
+        "tinyllama-1.1b": (80, 0.08)}
+    assert (hp["gpt-j-6b"].clamp_norm_factor, hp["tinyllama-1.1b"].clamp_norm_factor) == (0.75, 8)
+    assert hp["tinyllama-1.1b"].mom2_update_weight == 20000 and hp["llama3-8b"].mom2_update_weight == 15000
     assert all(h.v_lr == 0.5 and h.v_num_grad_steps == 20 and h.kl_factor == 0.0625 for h in hp.values())
