@@ -22,14 +22,28 @@ COLUMNS = ["ES", "PS", "NS", "RS", "DNS", "RES"]
 
 
 def parse_vary(items: list[str]) -> list[dict[str, Any]]:
-    """``["layer=1,3", "sadr_gamma=0.01"]`` → the Cartesian product as dicts (values parsed as YAML scalars)."""
+    """``["layer=1,3", "sadr_gamma=0.01"]`` → the Cartesian product as dicts (values parsed as YAML: scalars, or
+    lists such as ``layers=[1,2,3],[2,3,4]``)."""
     axes = []
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not name.strip() or not values.strip():
             raise ValueError(f"--vary {item!r}: expected name=v1,v2,... (e.g. sadr_gamma=0.005,0.01)")
-        axes.append([(name.strip(), yaml.safe_load(v)) for v in values.split(",")])
+        axes.append([(name.strip(), yaml.safe_load(v)) for v in _split_top_level(values)])
     return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+
+
+def _split_top_level(values: str) -> list[str]:
+    """Split on commas outside brackets, so list values work: ``[1,2,3],[2,3,4]`` → two lists."""
+    parts, depth, cur = [], 0, ""
+    for ch in values:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
 
 
 def config_name(cell: str, over: Mapping[str, Any]) -> str:

@@ -29,6 +29,7 @@ def test_parse_vary_is_the_cartesian_product():
                     {"layer": 3, "sadr_gamma": 0.005}, {"layer": 3, "sadr_gamma": 0.01}]
     assert isinstance(grid[0]["layer"], int) and isinstance(grid[0]["sadr_gamma"], float)
     assert parse_vary([]) == [{}]
+    assert parse_vary(["layers=[1,2,3],[2, 3, 4]"]) == [{"layers": [1, 2, 3]}, {"layers": [2, 3, 4]}]  # list values
     for bad in ["layer", "=1", "layer="]:
         with pytest.raises(ValueError, match="name=v1,v2"):
             parse_vary([bad])
