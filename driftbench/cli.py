@@ -256,12 +256,16 @@ def cmd_run_cell(args, params):
 
 
 def cmd_stats(args, params):
-    """Run each editor's `prepare` (cacheable preparation such as key second moments) for the profile's cells."""
+    """Run each editor's `prepare` (cacheable preparation such as key second moments) for the profile's cells and
+    for every other editor with hyper-parameters for the model, so a cell run by hand never writes into the stats
+    folder (a DVC output the cells depend on)."""
     from editors.base import get_editor
 
     profile = get_profile(params, args.profile)
     name, model, tok = _load(profile, args.model)
-    for editor in sorted({parse_cell(c)[0] for c in profile.raw.get("cells", [])}):
+    editors = {parse_cell(c)[0] for c in profile.raw.get("cells", [])}
+    editors |= set((profile.raw.get("hparams") or {}).get(name) or {})
+    for editor in sorted(editors):
         ed = get_editor(editor)
         if hasattr(ed, "prepare"):
             for what in ed.prepare(model, tok, _hparams(params, profile, name, editor), progress=not args.no_progress):

@@ -47,7 +47,10 @@ def _split_top_level(values: str) -> list[str]:
 
 
 def config_name(cell: str, over: Mapping[str, Any]) -> str:
-    return cell + ("@" + ",".join(f"{k}={v}" for k, v in sorted(over.items())) if over else "")
+    def text(v: Any) -> str:  # a list value as 1-2-3: file names without spaces, brackets or commas
+        return "-".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+    return cell + ("@" + ",".join(f"{k}={text(v)}" for k, v in sorted(over.items())) if over else "")
 
 
 def run_sweep(model, tok, *, profile: str, model_name: str, editor: str, sadr: bool, base_hparams: dict,

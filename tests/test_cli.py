@@ -106,7 +106,9 @@ def test_pipeline_in_a_temporary_project(tmp_path, mirror, tiny_model_dirs, monk
             # seed 33 draws four cases with short probes (a quarter of the tiny model's work for seed 1234)
             "device": "cpu", "subset_size": 4, "seed": 33, "batch_size": 32,
             "models": {MODEL: {"ref": str(tiny_model_dirs["llama"]), "dtype": "float32"}},
-            "cells": ["none"], "hparams": {},
+            "cells": ["none"],
+            # an editor with hparams but no cell: `driftbench stats` still prepares its statistics
+            "hparams": {MODEL: {"memit": {"layers": [0, 1], "stats_tokens": 400, "stats_max_len": 64}}},
         }},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -133,6 +135,10 @@ def test_pipeline_in_a_temporary_project(tmp_path, mirror, tiny_model_dirs, monk
     assert main(["model", "prepare"]) == 0  # the tiny model converts like the embedded one: models/<name>
     prov = json.loads((tmp_path / "models" / MODEL / "driftbench_model.json").read_text())
     assert prov["source"] == "local" and prov["model_type"] == "llama"
+
+    assert main(["stats", "--no-progress"]) == 0
+    stats = sorted(p.name.split(".mom2.")[0] for p in (tmp_path / "stats" / MODEL).glob("*.npz"))
+    assert stats == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
 
     assert main(["evaluate", "pre", "--no-progress"]) == 0  # loads models/<name>, the prepared copy
     pre_rows = [json.loads(x) for x in (tmp_path / f"results/embedded/{MODEL}/pre.jsonl").read_text().splitlines()]

@@ -35,6 +35,7 @@ def test_parse_vary_is_the_cartesian_product():
             parse_vary([bad])
     assert config_name("rome+sadr", {"sadr_steps": 40, "layer": 4}) == "rome+sadr@layer=4,sadr_steps=40"
     assert config_name("rome", {}) == "rome"
+    assert config_name("memit", {"layers": [1, 2, 3]}) == "memit@layers=1-2-3"
 
 
 def test_held_out_is_disjoint_balanced_and_seeded():
