@@ -221,7 +221,8 @@ def cmd_model_prepare(args, params):
 
     profile = get_profile(params, args.profile)
     name, m = profile.model(args.model)
-    prov = prepare_model(m["ref"], profile.prepared_model_dir(name), dtype=m.get("dtype", "float32"))
+    prov = prepare_model(m["ref"], profile.prepared_model_dir(name), dtype=m.get("dtype", "float32"),
+                         expect_sha256=m.get("sha256"))
     print(f"prepared {name}: {prov['n_params']:,} parameters -> {profile.prepared_model_dir(name)}")
 
 
@@ -286,13 +287,23 @@ def cmd_sweep(args, params):
     by_id = {c.case_id: c for c in cases}
     name, model, tok = _load(profile, args.model)
     out_dir = Path(args.out) if args.out else profile.results_dir(name) / "sweep"
+    model_id = _model_id(profile, name)
+    if args.perturb:
+        from model_layer.checksum import perturb_weights
+
+        perturb_weights(model, args.perturb, args.perturb_seed)
+        model_id = f"{model_id}~perturb{args.perturb:g}@{args.perturb_seed}"
+        if not args.out:
+            out_dir = out_dir / f"perturb-{args.perturb:g}-s{args.perturb_seed}"
     base = _hparams(params, profile, name, editor)
+    if "model_id" in base:
+        base["model_id"] = model_id
     if "stats_dir" in base:  # the pipeline's stats folder is a DVC output: keep sweep-only layers out of it
         base["stats_dir"] = str(out_dir / "stats")
     summary = run_sweep(model, tok, profile=profile.name, model_name=name, editor=editor, sadr=sadr,
                         base_hparams=base, grid=parse_vary(args.vary),
                         cases=[by_id[i] for i in ids], content_id=_card(params)["content_id"], out_dir=out_dir,
-                        batch_size=int(profile.raw.get("batch_size", 32)), model_id=_model_id(profile, name),
+                        batch_size=int(profile.raw.get("batch_size", 32)), model_id=model_id,
                         progress=not args.no_progress)
     from evaluators.sweep import render
 
@@ -559,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cases", type=int, default=8, help="held-out cases, balanced over sources (default 8)")
     sw.add_argument("--seed", type=int, default=7, help="seed of the held-out order (default 7)")
     sw.add_argument("--out", default=None, help="output folder (default results/<profile>/<model>/sweep)")
+    sw.add_argument("--perturb", type=float, default=0.0, metavar="REL",
+                    help="multiply every weight by (1 + REL·z), z ~ N(0,1) seeded, before the sweep (e.g. 1e-6), to "
+                         "measure how far results move on numerics alone; rows go to sweep/perturb-REL-sSEED/")
+    sw.add_argument("--perturb-seed", type=int, default=0, help="seed of the --perturb noise (default 0)")
     sw.set_defaults(func=cmd_sweep)
 
     ag = with_profile(add(sub, "aggregate", "summary tables with 95%% CIs from result files only"), model=False)

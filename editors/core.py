@@ -211,36 +211,50 @@ class LocateEditor:
                                                               brace_fill=hp.template_brace_fill)
         return self._templates[key]
 
-    def covariance(self, model, tok, module: str, hp: LocateHparams, progress: bool = False):
-        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed and saved there if missing.
+    @staticmethod
+    def stats_key(model, module: str, hp: LocateHparams):
+        """The content key of C for ``module`` and a function giving its corpus texts.
 
-        ``stats_corpus`` is a WikiText raw file, or ``hub:wikipedia`` / ``hub:wikitext-103`` (paper profile; needs
-        the `datasets` hub)."""
-        from editors.stats import StatsKey, corpus_sha256, hub_corpus, load_or_compute, wikitext_articles
+        ``stats_corpus`` is a WikiText raw file (cut into ``stats_max_len`` windows), or ``hub:wikipedia`` /
+        ``hub:wikitext-103`` (paper profile; samples truncated as the reference does; needs the `datasets` hub)."""
+        from editors.stats import StatsKey, corpus_sha256, hub_corpus, wikitext_articles
 
         if hp.stats_corpus.startswith("hub:"):
             name = hp.stats_corpus[4:]
-            corpus_id, texts = hp.stats_corpus, (lambda: hub_corpus(name))
+            corpus_id, texts, split = hp.stats_corpus, (lambda: hub_corpus(name)), "truncate"
         else:
             if not Path(hp.stats_corpus).is_file():
                 raise FileNotFoundError(f"stats corpus {hp.stats_corpus} not found: set the data mirror "
                                         "(DRIFTBENCH_DATA_MIRROR) or hparams 'stats_corpus'")
-            corpus_id, texts = corpus_sha256(hp.stats_corpus), (lambda: wikitext_articles(hp.stats_corpus))
+            corpus_id, texts, split = (corpus_sha256(hp.stats_corpus), (lambda: wikitext_articles(hp.stats_corpus)),
+                                       "windows")
         key = StatsKey(model_id=hp.model_id or str(getattr(model, "name_or_path", "")), module=module,
-                       corpus_sha256=corpus_id, max_tokens=hp.stats_tokens, max_len=hp.stats_max_len)
+                       corpus_sha256=corpus_id, max_tokens=hp.stats_tokens, max_len=hp.stats_max_len, split=split)
+        return key, texts
+
+    def covariance(self, model, tok, module: str, hp: LocateHparams, progress: bool = False):
+        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed, checked and saved there if missing."""
+        from editors.stats import load_or_compute
+
+        key, texts = self.stats_key(model, module, hp)
         if key not in self._cov:
             self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress)
         return self._cov[key]
 
     def prepare_layers(self, model, tok, hp: LocateHparams, layers: Sequence[int], progress: bool = True) -> list[str]:
-        """Compute (or find) C for the down-projection of every edited layer; returns what was prepared."""
+        """Compute (or find) C for the down-projection of every edited layer; returns what each file holds."""
+        from editors.stats import stats_report
         from model_layer.arch import arch_for
 
         arch, done = arch_for(model), []
         for layer in layers:
             module = arch.layer("mlp_out", layer)
             self.covariance(model, tok, module, hp, progress=progress)
-            done.append(f"stats {module} ({hp.stats_tokens:,} tokens) in {hp.stats_dir}")
+            path = Path(hp.stats_dir) / self.stats_key(model, module, hp)[0].filename()
+            r = stats_report(path)
+            ran_out = f" (the corpus ran out before {r['requested']:,})" if r["exhausted"] else ""
+            done.append(f"{path.name}: {r['count']:,} tokens{ran_out}, dim {r['dim']}, eigenvalues "
+                        f"{r['eig_min']:.3g}..{r['eig_max']:.3g}, {r['n_eig_below_1e-6']} below 1e-6 of the largest")
         return done
 
 

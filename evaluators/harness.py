@@ -14,6 +14,7 @@ Reliability contract (design.md §6):
 from __future__ import annotations
 
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +37,32 @@ class CellSpec:
         return f"{self.profile}/{self.model_name}/{self.editor}{'+sadr' if self.sadr else ''}"
 
 
+def installed_packages() -> str:
+    """The installed set as one string, ``name==version`` sorted by name, space-separated (every distribution in
+    the running interpreter's environment, transitive ones included; pip, the installer, left out)."""
+    from importlib import metadata
+
+    seen = {}
+    for d in metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", (d.metadata["Name"] or "").strip()).lower()  # PEP 503 normal form
+        if name and name != "pip":  # the installer itself (it comes with the interpreter), not a dependency
+            seen.setdefault(name, f"{name}=={d.version}")
+    return " ".join(seen[k] for k in sorted(seen))
+
+
 def environment(model) -> dict[str, Any]:
-    """Deterministic description of where the numbers came from (no host names, no timestamps)."""
+    """Deterministic description of where the numbers came from (no host names, no timestamps): the headline
+    versions, device and dtype, and the full installed set (``packages``) with its sha256 (``installed``), so a
+    changed lock changes every result fingerprint."""
     import lm_eval
     import torch
     import transformers
 
     p = next(model.parameters())
+    packages = installed_packages()
     return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
-            "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", "")}
+            "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", ""),
+            "installed": sha256_text(packages)[:16], "packages": packages}
 
 
 ROOT = Path(__file__).resolve().parents[1]

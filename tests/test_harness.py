@@ -392,3 +392,28 @@ def test_other_weights_or_batch_size_are_recomputed(tmp_path, reference, data, t
     run_pre(model, tok, MODEL, data.content_id, data.cases, work / "pre.jsonl", progress=False, model_id="other@1",
             batch_size=3)
     assert counters["score"] == N_CASES
+
+
+def test_rows_record_the_installed_set_and_a_changed_set_is_recomputed(tmp_path, reference, data, tiny, counters,
+                                                                       monkeypatch):
+    """Every row carries the full installed set (name==version) and its hash; another set (a changed lock) changes
+    the fingerprint, so no row of the old environment is reused."""
+    from importlib import metadata
+
+    import evaluators.harness as harness
+
+    env = reference.cell[0]["env"]
+    packages = env["packages"].split()
+    assert f"torch=={metadata.version('torch')}" in packages and f"numpy=={metadata.version('numpy')}" in packages
+    assert packages == sorted(packages, key=lambda p: p.split("==")[0]) and len(packages) > 50
+    assert env["installed"] == harness.sha256_text(env["packages"])[:16]
+    assert not any(p.startswith("pip==") for p in packages)
+
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path, cell=False)
+    counters.update(edit=0, score=0)
+    real = harness.installed_packages()
+    monkeypatch.setattr(harness, "installed_packages", lambda: real.replace("numpy==", "numpy==0.0.0+"))
+    rows = harness.run_pre(model, tok, MODEL, data.content_id, data.cases, work / "pre.jsonl", progress=False)
+    assert counters["score"] == N_CASES
+    assert {r["env"]["installed"] for r in rows} != {env["installed"]}

@@ -240,3 +240,17 @@ def test_param_checksum_sees_dtype_and_signed_zero(loaded):
     copy = torch.nn.Linear(2, 2)
     c_fp32 = param_checksum(copy)
     assert param_checksum(copy.double()) != c_fp32
+
+
+def test_prepare_model_checks_the_weights_sha256_before_replacing(tiny_model_dirs, tmp_path):
+    """params.yaml's sha256 of the converted weights: a match passes, a mismatch is an error naming both hashes and
+    leaves the existing folder untouched (a changed conversion is never a silent new baseline)."""
+    src, out = str(tiny_model_dirs["llama"]), tmp_path / "prepared"
+    prov = prepare_model(src, out)
+    want = prov["weights_sha256"]
+    assert len(want) == 64 and prepare_model(src, out, expect_sha256={"weights": want})["weights_sha256"] == want
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ModelLoadError, match=f"sha256 {want}, params.yaml expects 0000"):
+        prepare_model(src, out, expect_sha256={"weights": "0" * 64})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _temp_leftovers(tmp_path, out.name) == []
