@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from driftbench.params import get_profile, load_params, parse_cell
+from driftbench.params import cell_seed, get_profile, load_params, parse_cell
 
 EPILOG = """stages, in pipeline order (all read params.yaml):
   driftbench dataset build                  canonical cases.jsonl + card from the paper release (paper-v1)
@@ -244,10 +244,16 @@ def cmd_run_cell(args, params):
 
     profile = get_profile(params, args.profile)
     editor, sadr = parse_cell(args.cell)
+    seed = cell_seed(args.cell)
     cases = _subset_cases(params, profile)[: args.limit or None]
     name, model, tok = _load(profile, args.model)
     hparams = _hparams(params, profile, name, editor)
-    spec = CellSpec(profile.name, name, editor, sadr, hparams)
+    if seed is not None:
+        if "template_seed" in hparams and hparams["template_seed"] != 0:
+            raise SystemExit(f"cell {args.cell!r}: hparams of {editor!r} already set template_seed "
+                             f"{hparams['template_seed']}; name the seed in one place")
+        hparams["template_seed"] = seed
+    spec = CellSpec(profile.name, name, editor, sadr, hparams, seed=seed)
     out = profile.cell_path(name, args.cell)
     rows = run_cell(model, tok, spec, _card(params)["content_id"], cases, profile.pre_path(name), out,
                     ppl_corpus=_ppl_corpus(params),

@@ -1,6 +1,7 @@
 """Read `params.yaml` and derive every path the stages use (one place, so dvc.yaml and the CLI agree)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,50 @@ def get_profile(params: dict[str, Any], name: str) -> Profile:
     profiles = params.get("profiles", {})
     if name not in profiles:
         raise SystemExit(f"profile {name!r} not in params.yaml; choose one of {sorted(profiles)}")
-    return Profile(name, profiles[name])
+    profile = Profile(name, profiles[name])
+    check_profile_cells(profile)
+    return profile
+
+
+SEED_SUFFIX = re.compile(r"\.s(\d+)$")
 
 
 def parse_cell(cell: str) -> tuple[str, bool]:
-    """``"rome+sadr" -> ("rome", True)``."""
+    """``"rome+sadr" -> ("rome", True)``; a seed suffix (``"rome+sadr.s2"``) is ignored here (`cell_seed`)."""
+    cell = SEED_SUFFIX.sub("", cell)
     return (cell[: -len("+sadr")], True) if cell.endswith("+sadr") else (cell, False)
+
+
+def cell_seed(cell: str) -> int | None:
+    """The context-template seed a cell name asks for: ``"rome.s2" -> 2``; None without a suffix (the editor's
+    hparams decide, template_seed 0 by default)."""
+    m = SEED_SUFFIX.search(cell)
+    return int(m.group(1)) if m else None
+
+
+def seeded_cells(cells: list[str], seeds: list[int], unseeded: tuple[str, ...] = ("none",)) -> list[str]:
+    """The cell list a profile with template ``seeds`` must have: every editor cell once per seed (the first seed
+    as the plain name, the others as ``<cell>.s<seed>``); the editors in ``unseeded`` (no randomness) once."""
+    out = []
+    for cell in cells:
+        out.append(cell)
+        if parse_cell(cell)[0] not in unseeded:
+            out += [f"{cell}.s{s}" for s in seeds[1:]]
+    return out
+
+
+def check_profile_cells(profile: "Profile") -> None:
+    """``cells`` must hold every editor cell once per entry of ``seeds`` (dvc.yaml can only iterate a literal
+    list, so params.yaml spells the seeded cells out, and this check keeps the two in step)."""
+    cells, seeds = list(profile.raw.get("cells") or []), profile.raw.get("seeds")
+    if seeds is None:
+        return
+    if (not isinstance(seeds, list) or not seeds or seeds[0] != 0 or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise SystemExit(f"params.yaml: profiles.{profile.name}.seeds must be a list of distinct non-negative "
+                         f"integers starting with 0 (got {seeds!r})")
+    base = [c for c in cells if cell_seed(c) is None]
+    want = seeded_cells(base, seeds)
+    if cells != want:
+        raise SystemExit(f"params.yaml: profiles.{profile.name}.cells must list every editor cell once per seed "
+                         f"{seeds}: expected {want}, got {cells}")

@@ -28,6 +28,8 @@ the interval is undefined (one prompt) and Avg.S, "–" when there are no prompt
 """
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -36,6 +38,7 @@ from evaluators.metrics import AVG_S_METRICS, MAGNITUDES, drift_summary, get_pro
 
 PRE_LABEL = "pre (unedited)"
 SADR_SUFFIX = "+sadr"
+SEED_RE = re.compile(r"\.s(\d+)$")  # "rome+sadr.s2": the same cell with context-template seed 2
 MISSING = "–"  # en dash
 # table columns (paper metric names); SAS and DRS are in summary.json but not in the tables, like the paper
 TABLE_METRICS: tuple[str, ...] = ("ES", "PS", "NS", "RS", "DNS", "RES", "OS", "DOS")
@@ -43,16 +46,20 @@ assert set(AVG_S_METRICS) <= set(TABLE_METRICS)
 
 
 def parse_cell_id(cell: str) -> dict:
-    """``"<profile>/<model>/<editor>"`` → parts; the model part may itself contain "/" (hub ids like org/name)."""
+    """``"<profile>/<model>/<editor>[+sadr][.s<seed>]"`` → parts; the model part may itself contain "/" (hub ids
+    like org/name). ``config`` is the editor part without the seed suffix; ``seed`` is None without one."""
     parts = cell.split("/") if isinstance(cell, str) else []
     if len(parts) < 3 or not all(parts):
         raise ValueError(f"cell id {cell!r} is not of the form '<profile>/<model>/<editor>'")
     profile, model, editor = parts[0], "/".join(parts[1:-1]), parts[-1]
-    sadr = editor.endswith(SADR_SUFFIX)
-    base = editor[: -len(SADR_SUFFIX)] if sadr else editor
+    m = SEED_RE.search(editor)
+    config = editor[: m.start()] if m else editor
+    sadr = config.endswith(SADR_SUFFIX)
+    base = config[: -len(SADR_SUFFIX)] if sadr else config
     if not base:
         raise ValueError(f"cell id {cell!r} has an empty editor name")
-    return {"profile": profile, "model": model, "editor": editor, "base_editor": base, "sadr": sadr}
+    return {"profile": profile, "model": model, "editor": editor, "base_editor": base, "sadr": sadr,
+            "config": config, "seed": int(m.group(1)) if m else None}
 
 
 def load_cell(path: str | Path) -> tuple[str, list[dict]]:
@@ -140,7 +147,57 @@ class SummaryBuilder:
 
     def summary(self, pre: dict[str, dict] | None = None) -> dict:
         return {"protocol_ids": [p.id for p in self.protos], "protocols": {p.id: p.doc for p in self.protos},
-                "cells": self.cells, "pre": self.pre() if pre is None else pre}
+                "cells": self.cells, "pre": self.pre() if pre is None else pre,
+                "seeds": seed_groups(self.cells, [p.id for p in self.protos])}
+
+
+SEED_METRICS: tuple[str, ...] = ("ES", "PS", "NS", "RS", "DNS", "RES", "AvgS", "FL", "PPL")
+
+
+def spread(values: list[float | None]) -> dict | None:
+    """mean, sample sd, min and max of one metric's per-seed values (None when a seed has no value)."""
+    if not values or any(v is None for v in values):
+        return None
+    mean = math.fsum(values) / len(values)
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "per_seed": list(values)}
+
+
+def seed_groups(cells: Mapping[str, Mapping], protocol_ids: list[str]) -> dict:
+    """Cells that differ only in their context-template seed (``rome``, ``rome.s1``, ``rome.s2``; the plain name is
+    seed 0), grouped per ``<profile>/<model>/<config>`` with every metric's mean, sd, min and max over the seeds.
+    Only groups with two or more seeds over the same cases are listed."""
+    groups: dict[str, list[tuple[int, str, Mapping]]] = {}
+    for cell, info in cells.items():
+        key = f"{info['profile']}/{info['model']}/{info['config']}"
+        groups.setdefault(key, []).append((info["seed"] or 0, cell, info))
+    out = {}
+    for key in sorted(groups):
+        members = sorted(groups[key], key=lambda m: m[0])
+        if len(members) < 2:
+            continue
+        seeds = [m[0] for m in members]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{key}: seeds {seeds} repeat (a plain cell name is seed 0)")
+        if len({m[2]["n_cases"] for m in members}) != 1:
+            raise ValueError(f"{key}: the seeds cover different numbers of cases "
+                             f"{[m[2]['n_cases'] for m in members]}; finish every seed's cell first")
+        first = members[0][2]
+        entry = {"profile": first["profile"], "model": first["model"], "config": first["config"],
+                 "base_editor": first["base_editor"], "sadr": first["sadr"], "seeds": seeds,
+                 "cells": [m[1] for m in members], "n_cases": first["n_cases"]}
+        for pid in protocol_ids:
+            per = {}
+            for metric in SEED_METRICS:
+                vals = [(m[2].get(pid) or {}).get(metric) for m in members]
+                vals = [v.get("mean") if isinstance(v, Mapping) else v for v in vals]
+                if any(v is not None for v in vals):
+                    per[metric] = spread(vals)
+            entry[pid] = per
+        entry["drift"] = {k: spread([((m[2].get("drift") or {}).get(k) or {}).get("mean") for m in members])
+                          for k in DRIFT_COLUMNS.values() if any((m[2].get("drift") or {}).get(k) for m in members)}
+        out[key] = entry
+    return out
 
 
 def aggregate(result_files: Iterable[Path], out_json: Path, out_md: Path,
@@ -226,6 +283,43 @@ def format_table(summary: Mapping) -> str:
     return "\n".join(blocks)
 
 
+def format_spread(m: Mapping | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± sd [min–max]`` of a seed spread (× ``scale``); "–" when missing."""
+    if not m or m.get("mean") is None:
+        return MISSING
+    f = lambda v: f"{v * scale:.{digits}f}"  # noqa: E731
+    sd = f" ± {f(m['sd'])}" if m.get("sd") is not None else ""
+    return f"{f(m['mean'])}{sd} [{f(m['min'])}–{f(m['max'])}]"
+
+
+def format_seed_table(summary: Mapping) -> str:
+    """One table per protocol of the seed groups: each metric as mean ± sd [min–max] over the template seeds."""
+    groups = summary.get("seeds") or {}
+    if not groups:
+        return ""
+    cols = ["ES", "PS", "NS", "RS", "DNS", "RES", "Avg.S", "FL", "PPL", "drift DNS", "drift RS"]
+    blocks = []
+    for pid in summary["protocol_ids"]:
+        lines = [f"### Across context-template seeds — protocol `{pid}`", "",
+                 "Each cell rerun with other context-template seeds (`<cell>.s<seed>`; the plain name is seed 0); "
+                 "entries are the cell-level value's mean ± sample sd [min–max] over the seeds.", "",
+                 "| cell | seeds | " + " | ".join(cols) + " | cases |", "|---|---|" + "---:|" * (len(cols) + 1)]
+        for key, g in sorted(summary["seeds"].items(), key=lambda kv: (kv[1]["profile"], kv[1]["model"],
+                                                                      kv[1]["base_editor"], kv[1]["sadr"])):
+            per = g.get(pid) or {}
+            vals = []
+            for col in cols:
+                if col in DRIFT_COLUMNS:
+                    vals.append(format_spread((g.get("drift") or {}).get(DRIFT_COLUMNS[col]), 1.0, 3))
+                elif col == "PPL":
+                    vals.append(format_spread(per.get("PPL"), 1.0, 1))
+                else:
+                    vals.append(format_spread(per.get("AvgS" if col == "Avg.S" else col)))
+            lines.append(f"| {key} | {','.join(map(str, g['seeds']))} | " + " | ".join(vals) + f" | {g['n_cases']} |")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
 def render_markdown(summary: Mapping) -> str:
     """The full ``summary.md``: a title, the protocol definitions, then :func:`format_table`."""
     head = ["# driftbench results", "",
@@ -239,4 +333,5 @@ def render_markdown(summary: Mapping) -> str:
             ""]
     for pid in summary["protocol_ids"]:
         head.append(f"- `{pid}`: {summary.get('protocols', {}).get(pid, get_protocol(pid).doc)}")
-    return "\n".join(head) + "\n\n" + format_table(summary)
+    seeds = format_seed_table(summary)
+    return "\n".join(head) + "\n\n" + format_table(summary) + ("\n" + seeds if seeds else "")

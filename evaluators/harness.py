@@ -31,10 +31,12 @@ class CellSpec:
     editor: str
     sadr: bool = False
     hparams: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # context-template seed named in the cell id (".s<seed>"); hparams carry template_seed
 
     @property
     def cell_id(self) -> str:
-        return f"{self.profile}/{self.model_name}/{self.editor}{'+sadr' if self.sadr else ''}"
+        seed = "" if self.seed is None else f".s{self.seed}"
+        return f"{self.profile}/{self.model_name}/{self.editor}{'+sadr' if self.sadr else ''}{seed}"
 
 
 def installed_packages() -> str:
