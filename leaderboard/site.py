@@ -452,6 +452,25 @@ def _case_csv(pc: Mapping) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- rendering
+SEED_COLUMNS = (("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("RS", "RS"), ("DNS", "DNS"), ("Avg.S", "AvgS"))
+
+
+def _seed_rows(summary: dict) -> dict:
+    """The pipeline's seed groups (evaluators.aggregate.seed_groups) as table rows: each metric's mean ± sd
+    [min–max] over the context-template seeds, per protocol."""
+    from evaluators.aggregate import format_spread
+
+    out: dict = {"columns": [c for c, _ in SEED_COLUMNS] + ["drift DNS"], "rows": []}
+    for key, g in sorted((summary.get("seeds") or {}).items()):
+        for pid in summary.get("protocol_ids", []):
+            per = g.get(pid) or {}
+            cells = [format_spread(per.get(k)) for _, k in SEED_COLUMNS]
+            cells.append(format_spread((g.get("drift") or {}).get("drift_DNS"), 1.0, 3))
+            out["rows"].append({"cell": key, "protocol": pid, "seeds": ", ".join(map(str, g["seeds"])),
+                                "n_cases": g["n_cases"], "cells": cells})
+    return out
+
+
 def _env():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
@@ -478,7 +497,7 @@ def render(data: SiteData, out_dir: str | Path) -> None:
     groups = _groups(data)
     (out / "index.html").write_text(env.get_template("index.html").render(
         root="", groups=groups, filters=_filters(data), metrics=INDEX_METRICS + ("Avg.S",),
-        raw_metrics=RAW_METRICS, rejected=data.rejected, **common), encoding="utf-8")
+        raw_metrics=RAW_METRICS, rejected=data.rejected, seeds=_seed_rows(data.summary), **common), encoding="utf-8")
     cell_tpl = env.get_template("cell.html")
     for e in data.entries:
         if e.page is None:

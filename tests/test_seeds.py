@@ -76,3 +76,18 @@ def test_cell_spec_names_its_seed():
 
     assert CellSpec("embedded", "m", "rome", True, {"template_seed": 2}, seed=2).cell_id == "embedded/m/rome+sadr.s2"
     assert CellSpec("embedded", "m", "rome").cell_id == "embedded/m/rome"
+
+
+def test_site_shows_the_seed_spread(tmp_path):
+    from leaderboard.site import build_site
+
+    d = tmp_path / "results"
+    files = [write_result_file(d / "none.jsonl", "embedded/m/none", 8),
+             write_result_file(d / "rome.jsonl", "embedded/m/rome", 8, damage=1.0),
+             write_result_file(d / "rome.s1.jsonl", "embedded/m/rome.s1", 8, damage=0.4)]
+    summary = aggregate(files, tmp_path / "s.json", tmp_path / "s.md")
+    build_site(files, tmp_path / "site")
+    html = (tmp_path / "site" / "index.html").read_text()
+    g = summary["seeds"]["embedded/m/rome"]["paper"]["DNS"]
+    assert "Across context-template seeds" in html and "embedded/m/rome" in html
+    assert f"{100 * g['mean']:.1f} ± {100 * g['sd']:.1f} [{100 * g['min']:.1f}–{100 * g['max']:.1f}]" in html
