@@ -292,12 +292,31 @@ def format_spread(m: Mapping | None, scale: float = 100.0, digits: int = 1) -> s
     return f"{f(m['mean'])}{sd} [{f(m['min'])}–{f(m['max'])}]"
 
 
+SEED_TABLE_COLUMNS: tuple[str, ...] = ("ES", "PS", "NS", "RS", "DNS", "RES", "Avg.S", "FL", "PPL", "drift DNS",
+                                       "drift RS")
+
+
+def seed_cells(group: Mapping, protocol_id: str, cols: Iterable[str] = SEED_TABLE_COLUMNS) -> list[str]:
+    """One seed group's entries for ``cols`` under ``protocol_id``: percentages (×100) except PPL and the drift
+    columns, each as :func:`format_spread` (summary.md and the leaderboard share this)."""
+    per = group.get(protocol_id) or {}
+    out = []
+    for col in cols:
+        if col in DRIFT_COLUMNS:
+            out.append(format_spread((group.get("drift") or {}).get(DRIFT_COLUMNS[col]), 1.0, 3))
+        elif col == "PPL":
+            out.append(format_spread(per.get("PPL"), 1.0, 1))
+        else:
+            out.append(format_spread(per.get("AvgS" if col == "Avg.S" else col)))
+    return out
+
+
 def format_seed_table(summary: Mapping) -> str:
     """One table per protocol of the seed groups: each metric as mean ± sd [min–max] over the template seeds."""
     groups = summary.get("seeds") or {}
     if not groups:
         return ""
-    cols = ["ES", "PS", "NS", "RS", "DNS", "RES", "Avg.S", "FL", "PPL", "drift DNS", "drift RS"]
+    cols = SEED_TABLE_COLUMNS
     blocks = []
     for pid in summary["protocol_ids"]:
         lines = [f"### Across context-template seeds — protocol `{pid}`", "",
@@ -306,15 +325,7 @@ def format_seed_table(summary: Mapping) -> str:
                  "| cell | seeds | " + " | ".join(cols) + " | cases |", "|---|---|" + "---:|" * (len(cols) + 1)]
         for key, g in sorted(summary["seeds"].items(), key=lambda kv: (kv[1]["profile"], kv[1]["model"],
                                                                       kv[1]["base_editor"], kv[1]["sadr"])):
-            per = g.get(pid) or {}
-            vals = []
-            for col in cols:
-                if col in DRIFT_COLUMNS:
-                    vals.append(format_spread((g.get("drift") or {}).get(DRIFT_COLUMNS[col]), 1.0, 3))
-                elif col == "PPL":
-                    vals.append(format_spread(per.get("PPL"), 1.0, 1))
-                else:
-                    vals.append(format_spread(per.get("AvgS" if col == "Avg.S" else col)))
+            vals = seed_cells(g, pid, cols)
             lines.append(f"| {key} | {','.join(map(str, g['seeds']))} | " + " | ".join(vals) + f" | {g['n_cases']} |")
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)

@@ -452,22 +452,19 @@ def _case_csv(pc: Mapping) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- rendering
-SEED_COLUMNS = (("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("RS", "RS"), ("DNS", "DNS"), ("Avg.S", "AvgS"))
+SEED_COLUMNS = ("ES", "PS", "NS", "RS", "DNS", "Avg.S", "drift DNS")
 
 
 def _seed_rows(summary: dict) -> dict:
     """The pipeline's seed groups (evaluators.aggregate.seed_groups) as table rows: each metric's mean ± sd
     [min–max] over the context-template seeds, per protocol."""
-    from evaluators.aggregate import format_spread
+    from evaluators.aggregate import seed_cells
 
-    out: dict = {"columns": [c for c, _ in SEED_COLUMNS] + ["drift DNS"], "rows": []}
+    out: dict = {"columns": list(SEED_COLUMNS), "rows": []}
     for key, g in sorted((summary.get("seeds") or {}).items()):
         for pid in summary.get("protocol_ids", []):
-            per = g.get(pid) or {}
-            cells = [format_spread(per.get(k)) for _, k in SEED_COLUMNS]
-            cells.append(format_spread((g.get("drift") or {}).get("drift_DNS"), 1.0, 3))
             out["rows"].append({"cell": key, "protocol": pid, "seeds": ", ".join(map(str, g["seeds"])),
-                                "n_cases": g["n_cases"], "cells": cells})
+                                "n_cases": g["n_cases"], "cells": seed_cells(g, pid, SEED_COLUMNS)})
     return out
 
 
