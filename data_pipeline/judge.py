@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from driftbench.io import AppendLog, dumps_line
+from driftbench.errors import UserError
+from driftbench.io import AppendLog, dumps_line, parse_jsonl
 
 from .schema import Case, Probe
 
@@ -82,7 +83,7 @@ PROMPTS_ID = hashlib.sha256(dumps_line(TEMPLATES).encode("utf-8")).hexdigest()[:
 _ANSWER = re.compile(r"^(?:answer\s*[:\-]\s*)?(related|unrelated)$")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """The judge cannot finish: a cache miss in replay mode, a non-retryable API error, or retries exhausted."""
 
 
@@ -150,6 +151,11 @@ def public_endpoint(base_url: str | None) -> str:
     return urlunsplit((p.scheme, host, p.path, "", ""))
 
 
+class _EmptyAnswer(Exception):
+    """The endpoint answered without a model answer (``choices: []`` or ``content: null``): retried like a server
+    error and never cached, so a healthy rerun asks again."""
+
+
 class JudgmentCache:
     """Content-addressed, append-only judgment store (thread-safe; kill-safe through AppendLog)."""
 
@@ -160,23 +166,25 @@ class JudgmentCache:
         self.rows: dict[str, dict] = {}
         self._log = None if readonly else AppendLog(self.path)
         for row in (self._log.rows if self._log else self._read_only()):
-            if isinstance(row, dict) and isinstance(row.get("key"), str):
+            # only real model answers count (a row without a text answer, e.g. written by an older version from an
+            # empty response, is ignored, so the prompt is asked again)
+            if isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("answer"), str):
                 self.rows.setdefault(row["key"], row)
 
     def _read_only(self) -> list[dict]:
-        rows = []
-        if self.path.is_file():
-            for line in self.path.read_bytes().split(b"\n")[:-1]:  # the part after the last newline is torn
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-        return rows
+        """The rows as `AppendLog` reads them (a bad complete line is an error), without changing the file."""
+        if not self.path.is_file():
+            return []
+        raw = self.path.read_bytes()
+        return parse_jsonl(raw[: raw.rfind(b"\n") + 1], str(self.path),
+                           "; fix or remove that line (a merge conflict?), nothing was changed")
 
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
 
     def put(self, row: dict) -> None:
+        if not isinstance(row.get("answer"), str):
+            raise ValueError(f"judgment cache {self.path}: only model answers (text) are cached, got {row.get('answer')!r}")
         with self._lock:
             if row["key"] in self.rows:
                 return
@@ -293,6 +301,8 @@ class Judge:
                     model=self.cfg.model, messages=[{"role": "user", "content": prompt}],
                     temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
                 answer = resp.choices[0].message.content if resp.choices else None
+                if not isinstance(answer, str):  # no choices, or null content: not an answer, never cached
+                    raise _EmptyAnswer("an answer with no choices" if not resp.choices else "an answer with no text")
                 usage = getattr(resp, "usage", None)
                 pt = int(getattr(usage, "prompt_tokens", 0) or 0)
                 ct = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -303,6 +313,8 @@ class Judge:
                 return {"key": cache_key(self.cfg.model, prompt), "model": self.cfg.model, "prompt": prompt,
                         "endpoint": public_endpoint(self.cfg.base_url), "answer": answer, "label": parse_answer(answer),
                         "usage": {"prompt_tokens": pt, "completion_tokens": ct}}
+            except _EmptyAnswer as exc:
+                kind, why = "server_errors", str(exc)
             except openai.APITimeoutError:
                 kind, why = "timeouts", f"timed out after {self.cfg.timeout:g} s"
             except openai.APIConnectionError as exc:

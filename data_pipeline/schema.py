@@ -20,11 +20,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from driftbench.errors import UserError
+
 SOURCES = ("counterfact", "wikidata")
 TARGETED_FAMILIES = ("paraphrase", "subject_alias", "reasoning", "neighborhood", "relation")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Invalid input data. The message names the record, the field and what to do about it."""
 
 

@@ -9,7 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from driftbench.params import cell_seed, get_profile, load_params, parse_cell
+from driftbench.errors import UserError
+from driftbench.io import read_json
+from driftbench.params import cell_seed, check_cell_name, get_profile, load_params, parse_cell
 
 EPILOG = """stages, in pipeline order (all read params.yaml):
   driftbench dataset build                  canonical cases.jsonl + card from the paper release (paper-v1)
@@ -25,14 +27,16 @@ EPILOG = """stages, in pipeline order (all read params.yaml):
   driftbench leaderboard    -p embedded     static site/ (tables, chart, per-cell pages) from result files only
   driftbench submit -p embedded -c rome --submitter NAME   pack a cell's results as a submission bundle
   driftbench validate BUNDLE...             check a bundle (schema, dataset, protocols, recomputed aggregates)
-Every long stage resumes where it stopped; kill it at any time."""
+Every long stage resumes where it stopped; kill it at any time. --limit N (smoke runs) writes under
+results/<profile>/<model>/smoke/ and never touches the full run's files.
+Errors you can fix print one line (exit status 2); add --debug for the traceback."""
 
 
 def _card(params) -> dict:
     path = Path(params["data"]["out"]) / "card.json"
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run `driftbench dataset build` first")
-    return json.loads(path.read_text())
+        raise UserError(f"{path} not found: run `driftbench dataset build` first")
+    return read_json(path)
 
 
 def _subset_cases(params, profile):
@@ -41,12 +45,15 @@ def _subset_cases(params, profile):
     cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
     sp = profile.subset_path()
     if not sp.is_file():
-        raise SystemExit(f"{sp} not found: run `driftbench dataset subset -p {profile.name}` first")
-    ids = json.loads(sp.read_text())["case_ids"]
+        raise UserError(f"{sp} not found: run `driftbench dataset subset -p {profile.name}` first")
+    doc = read_json(sp)
+    ids = doc.get("case_ids") if isinstance(doc, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise UserError(f"{sp}: expected {{\"case_ids\": [...]}}; rerun `driftbench dataset subset -p {profile.name}`")
     by_id = {c.case_id: c for c in cases}
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise SystemExit(f"{sp} names case {missing[0]} which is not in the dataset: rerun `driftbench dataset subset`")
+        raise UserError(f"{sp} names case {missing[0]} which is not in the dataset: rerun `driftbench dataset subset`")
     return [by_id[i] for i in ids]
 
 
@@ -55,7 +62,7 @@ def _model_id(profile, name: str) -> str:
     prov = profile.prepared_model_dir(name) / "driftbench_model.json"
     m = profile.models[name]
     if prov.is_file():
-        p = json.loads(prov.read_text())
+        p = read_json(prov)
         return f"{name}@{p.get('gguf_sha256', p.get('ref'))[:16]}"
     return f"{m['ref']}@{m.get('revision', 'main')}"
 
@@ -83,8 +90,8 @@ def _ppl_corpus(params) -> Path | None:
         return None
     path = resolve_mirror(params["data"]["mirror"]) / rel
     if not path.is_file():
-        raise SystemExit(f"ME-PPL corpus {path} not found: set the data mirror (DRIFTBENCH_DATA_MIRROR) or "
-                         "params data.me_ppl_corpus")
+        raise UserError(f"ME-PPL corpus {path} not found: set the data mirror (DRIFTBENCH_DATA_MIRROR) or "
+                        "params data.me_ppl_corpus")
     return path
 
 
@@ -147,20 +154,6 @@ def _raw_cfg(args, params) -> tuple[dict, "Path | None"]:
     return cfg, mirror
 
 
-def _dataset_errors(fn):
-    """Show data and judge errors as one clear line (exit status 1) instead of a traceback."""
-    def run(args, params):
-        from data_pipeline.judge import JudgeError
-        from data_pipeline.schema import DatasetError
-
-        try:
-            return fn(args, params)
-        except (DatasetError, JudgeError) as exc:
-            raise SystemExit(f"error: {exc}") from None
-    return run
-
-
-@_dataset_errors
 def cmd_dataset_fetch_raw(args, params):
     from data_pipeline.artifact import raw_sources
     from data_pipeline.raw import fetch
@@ -174,7 +167,6 @@ def cmd_dataset_fetch_raw(args, params):
             print(f"{src.name}: {path} sha256 {digest} ({pin})")
 
 
-@_dataset_errors
 def cmd_dataset_build_raw(args, params):
     from data_pipeline.artifact import build_from_raw
 
@@ -189,7 +181,6 @@ def cmd_dataset_build_raw(args, params):
     print(f"dataset {res['version']} (content id {res['content_id']}): {res['n_cases']} cases -> {cfg['out']}")
 
 
-@_dataset_errors
 def cmd_dataset_judge_release(args, params):
     from data_pipeline.artifact import judge_release
     from data_pipeline.dataset import load_cases
@@ -207,7 +198,6 @@ def cmd_dataset_judge_release(args, params):
     print(json.dumps(rep, indent=2))
 
 
-@_dataset_errors
 def cmd_dataset_export(args, params):
     from data_pipeline.artifact import export_parquet
 
@@ -226,39 +216,61 @@ def cmd_model_prepare(args, params):
     print(f"prepared {name}: {prov['n_params']:,} parameters -> {profile.prepared_model_dir(name)}")
 
 
+def _limited(profile, name: str, path: Path, limit: int) -> Path:
+    """The output of a run: ``path`` itself, or its twin under the smoke folder for a ``--limit`` run."""
+    if limit < 0:
+        raise UserError(f"--limit must be a positive number of cases, got {limit}")
+    return profile.smoke_dir(name) / path.relative_to(profile.results_dir(name)) if limit else path
+
+
 def cmd_evaluate_pre(args, params):
     from evaluators.harness import run_pre
 
     profile = get_profile(params, args.profile)
+    name, _ = profile.model(args.model)
     cases = _subset_cases(params, profile)[: args.limit or None]
+    content_id, ppl = _card(params)["content_id"], _ppl_corpus(params)
+    out = _limited(profile, name, profile.pre_path(name), args.limit)
     name, model, tok = _load(profile, args.model)
-    rows = run_pre(model, tok, name, _card(params)["content_id"], cases, profile.pre_path(name),
-                   ppl_corpus=_ppl_corpus(params),
+    rows = run_pre(model, tok, name, content_id, cases, out, ppl_corpus=ppl,
                    batch_size=int(profile.raw.get("batch_size", 32)), progress=not args.no_progress,
-                   model_id=_model_id(profile, name))
-    print(f"pre-edit scores for {len(rows)} cases -> {profile.pre_path(name)}")
+                   model_id=_model_id(profile, name), journal=profile.journal_path(name, "pre.jsonl"))
+    print(f"pre-edit scores for {len(rows)} cases -> {out}")
 
 
 def cmd_run_cell(args, params):
     from evaluators.harness import CellSpec, run_cell
 
+    from editors.base import get_editor
+
     profile = get_profile(params, args.profile)
+    name, _ = profile.model(args.model)
+    check_cell_name(args.cell, "cell")
     editor, sadr = parse_cell(args.cell)
     seed = cell_seed(args.cell)
+    ed = get_editor(editor)  # everything a user can get wrong is checked before the model loads
+    if sadr and not getattr(ed, "supports_sadr", False):
+        raise UserError(f"editor {editor!r} does not support SADR: drop '+sadr' from the cell name")
     cases = _subset_cases(params, profile)[: args.limit or None]
-    name, model, tok = _load(profile, args.model)
     hparams = _hparams(params, profile, name, editor)
     if seed is not None:
         if "template_seed" in hparams and hparams["template_seed"] != 0:
-            raise SystemExit(f"cell {args.cell!r}: hparams of {editor!r} already set template_seed "
-                             f"{hparams['template_seed']}; name the seed in one place")
+            raise UserError(f"cell {args.cell!r}: hparams of {editor!r} already set template_seed "
+                            f"{hparams['template_seed']}; name the seed in one place")
         hparams["template_seed"] = seed
+    if hasattr(ed, "check_hparams"):
+        ed.check_hparams(None, dict(hparams, sadr=sadr))  # names and types; layer ranges once the model is loaded
+    content_id, ppl = _card(params)["content_id"], _ppl_corpus(params)
+    out = _limited(profile, name, profile.cell_path(name, args.cell), args.limit)
+    pre = profile.pre_path(name)
+    if args.limit and not pre.is_file():
+        pre = _limited(profile, name, pre, args.limit)
+    name, model, tok = _load(profile, args.model)
     spec = CellSpec(profile.name, name, editor, sadr, hparams, seed=seed)
-    out = profile.cell_path(name, args.cell)
-    rows = run_cell(model, tok, spec, _card(params)["content_id"], cases, profile.pre_path(name), out,
-                    ppl_corpus=_ppl_corpus(params),
+    rows = run_cell(model, tok, spec, content_id, cases, pre, out, ppl_corpus=ppl,
                     batch_size=int(profile.raw.get("batch_size", 32)), verify_restore=args.verify_restore,
-                    progress=not args.no_progress, model_id=_model_id(profile, name))
+                    progress=not args.no_progress, model_id=_model_id(profile, name),
+                    journal=profile.journal_path(name, f"cells/{args.cell}.jsonl"))
     print(f"{spec.cell_id}: {len(rows)} cases -> {out}")
 
 
@@ -344,8 +356,9 @@ def cmd_aggregate(args, params):
     files = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("cells", [])]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise SystemExit(f"missing result files {missing}: run their `driftbench run-cell` stages first")
-    summary = aggregate(files, Path(args.out_json), Path(args.out_md))
+        raise UserError(f"missing result files {missing}: run their `driftbench run-cell` stages first")
+    expected = [c.case_id for c in _subset_cases(params, profile)]
+    summary = aggregate(files, Path(args.out_json), Path(args.out_md), expected_cases=expected)
     print(format_table(summary))
     print(f"\nwrote {args.out_json} and {args.out_md}")
 
@@ -358,14 +371,37 @@ def _dataset_identity(params, card_path=None, cases_path=None, need_card=True):
     card_path = Path(card_path) if card_path else out / "card.json"
     if not card_path.is_file():
         if need_card:
-            raise SystemExit(f"{card_path} not found: run `driftbench dataset build` (or pass --card)")
+            raise UserError(f"{card_path} not found: run `driftbench dataset build` (or pass --card)")
         print(f"warning: {card_path} not found: dataset version unknown, submissions cannot be validated "
               "(run `driftbench dataset build`)", file=sys.stderr)
         return None, {}, None
-    card = json.loads(card_path.read_text())
+    card = read_json(card_path)
     cases_path = Path(cases_path) if cases_path else out / "cases.jsonl"
     cases = dataset_cases(cases_path) if cases_path.is_file() else None
     return card, {card["version"]: card["content_id"]}, cases
+
+
+def _profile_cases(params, cases_path=None) -> dict[str, set] | None:
+    """Each profile's full case set (its subset file when built, else its seeded stratified subset of the dataset;
+    all cases when subset_size is 0): what a submission of that profile must cover. None without the dataset."""
+    from data_pipeline.dataset import load_cases
+    from data_pipeline.subset import stratified_subset
+
+    path = Path(cases_path) if cases_path else Path(params["data"]["out"]) / "cases.jsonl"
+    if not path.is_file():
+        return None
+    cases = load_cases(path)
+    out = {}
+    for name in params.get("profiles") or {}:
+        profile = get_profile(params, name)
+        sp = profile.subset_path()
+        size = int(profile.raw.get("subset_size") or 0)
+        if sp.is_file():
+            out[name] = set(read_json(sp)["case_ids"])
+        else:
+            out[name] = set(stratified_subset(cases, size, int(profile.raw.get("seed", 0))) if size
+                            else (c.case_id for c in cases))
+    return out
 
 
 def _result_files(paths) -> list[Path]:
@@ -376,7 +412,7 @@ def _result_files(paths) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise SystemExit(f"{p}: no such result file or folder")
+            raise UserError(f"{p}: no such result file or folder")
     return files
 
 
@@ -391,8 +427,8 @@ def cmd_leaderboard(args, params):
         wanted = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("cells", [])]
         missing = [str(f) for f in wanted if not f.is_file()]
         if missing and not args.allow_missing:
-            raise SystemExit(f"missing result files {missing}: run their `driftbench run-cell` stages first "
-                             "(or pass --allow-missing)")
+            raise UserError(f"missing result files {missing}: run their `driftbench run-cell` stages first "
+                            "(or pass --allow-missing)")
         files += [f for f in wanted if f.is_file()]
     files += _result_files(args.results)
     if args.no_paper:
@@ -404,15 +440,16 @@ def cmd_leaderboard(args, params):
 
         paper = resolve_mirror(params["data"]["mirror"]) / "paper_reported.csv"
     if paper is not None and not paper.is_file():
-        raise SystemExit(f"{paper} not found: pass --paper-csv PATH, or --no-paper to leave the paper's rows out")
+        raise UserError(f"{paper} not found: pass --paper-csv PATH, or --no-paper to leave the paper's rows out")
     card, _, cases = _dataset_identity(params, need_card=False)
     try:
         data = build_site(sorted(set(files)), Path(args.out), submissions_dir=Path(args.submissions),
                           paper_csv=paper, dvc_lock=Path(args.dvc_lock), params=params, card=card,
                           git=git_commit("."), on_invalid="skip" if args.skip_invalid else "error",
+                          profile_cases=_profile_cases(params),
                           dataset_cases=cases, log=(lambda m: None) if args.quiet else print)
     except BundleError as exc:
-        raise SystemExit(f"{exc}\nfix or remove the bundle, or pass --skip-invalid to build without it")
+        raise UserError(f"{exc}\nfix or remove the bundle, or pass --skip-invalid to build without it")
     kinds = {}
     for e in data.entries:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
@@ -432,7 +469,7 @@ def cmd_submit(args, params):
     editor, _ = parse_cell(args.cell)
     result = Path(args.results) if args.results else profile.cell_path(name, args.cell)
     if not result.is_file():
-        raise SystemExit(f"{result} not found: run `driftbench run-cell -p {profile.name} -m {name} -c {args.cell}` first")
+        raise UserError(f"{result} not found: run `driftbench run-cell -p {profile.name} -m {name} -c {args.cell}` first")
     card, datasets, cases = _dataset_identity(params, args.card)
     hparams = ((profile.raw.get("hparams") or {}).get(name) or {}).get(editor)
     out = Path(args.out) if args.out else Path(args.submissions) / bundle_name(f"{profile.name}/{name}/{args.cell}")
@@ -443,9 +480,10 @@ def cmd_submit(args, params):
                                    "hparams": hparams if hparams is not None else None},
                            submitter={"name": args.submitter, "contact": args.contact, "affiliation": args.affiliation},
                            protocols=args.protocol or None, git_commit=git_commit(".")["commit"], notes=args.notes,
-                           tar=args.tar, datasets=datasets, dataset_case_map=cases)
+                           tar=args.tar, datasets=datasets, dataset_case_map=cases, partial=args.partial,
+                           profile_cases=_profile_cases(params, args.cases if hasattr(args, "cases") else None))
     except (BundleError, FileExistsError, ValueError) as exc:
-        raise SystemExit(str(exc))
+        raise UserError(str(exc))
     print(f"packed and validated {path}; check it with `driftbench validate {path}`, then open a pull request "
           "adding it under leaderboard/submissions/")
 
@@ -454,6 +492,7 @@ def cmd_validate(args, params):
     from leaderboard.submission import BundleError, validate_bundle
 
     _, datasets, cases = _dataset_identity(params, args.card, args.cases)
+    profile_cases = None if args.no_case_check else _profile_cases(params, args.cases)
     if args.no_case_check:
         cases = None
     elif cases is None:
@@ -462,7 +501,7 @@ def cmd_validate(args, params):
     bad = 0
     for path in args.bundles:
         try:
-            b = validate_bundle(path, datasets, cases)
+            b = validate_bundle(path, datasets, cases, profile_cases)
         except BundleError as exc:
             bad += 1
             print(f"REJECTED {exc}", file=sys.stderr)
@@ -472,7 +511,7 @@ def cmd_validate(args, params):
               f"dataset {m['dataset']['version']} ({m['dataset']['content_id']}), protocols "
               f"{', '.join(m['protocol_ids'])}; every aggregate of summary.json recomputed from cases.jsonl")
     if bad:
-        raise SystemExit(f"{bad} of {len(args.bundles)} bundle(s) rejected")
+        raise UserError(f"{bad} of {len(args.bundles)} bundle(s) rejected")
 
 
 def cmd_editors(args, params):
@@ -485,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="driftbench", description=__doc__.splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (accepted anywhere)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_profile(sp, model=True, progress=False, limit=False):
@@ -627,11 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--submissions", default="leaderboard/submissions", help="where bundles go (default: %(default)s)")
     sm.add_argument("--out", default=None, help="bundle folder (default: <submissions>/<profile>__<model>__<cell>)")
     sm.add_argument("--tar", action="store_true", help="write <out>.tar.gz instead of a folder")
+    sm.add_argument("--partial", action="store_true", help="label the bundle a partial run (it covers only part of "
+                    "the profile's cases): listed apart on the site, never ranked with full runs")
     sm.set_defaults(func=cmd_submit)
 
     va = add(sub, "validate", "check submission bundles: JSON Schema, dataset version and content id, protocol ids, "
              "file hashes, rows vs dataset, and every aggregate of summary.json recomputed from cases.jsonl "
-             "(exit status 1 when any bundle is rejected)")
+             "(exit status 2 when any bundle is rejected)")
     va.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folder or .tar.gz")
     va.add_argument("--card", default=None, help="dataset card (default: <data.out>/card.json)")
     va.add_argument("--cases", default=None, help="dataset cases.jsonl to check case ids against "
@@ -644,8 +686,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An error the user can fix (`driftbench.errors.UserError`, which the data, judge, model,
+    editor, result-file and bundle errors all are) prints as ``error: ...`` on one line, plus ``hint: ...`` when there
+    is one, with exit status 2; ``--debug`` (anywhere on the line) shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
-    args.func(args, load_params(args.params))
+    try:
+        args.func(args, load_params(args.params))
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from data_pipeline.schema import Case
+from driftbench.errors import UserError
 
 
 @dataclass
@@ -43,11 +44,19 @@ class Editor(Protocol):
 
     def edit(self, model: torch.nn.Module, tok, case: Case, hparams: dict[str, Any]) -> EditHandle: ...
 
+    # optional: ``check_hparams(model, hparams) -> None`` raises driftbench.errors.UserError for hyper-parameters the
+    # editor cannot run with; the harness calls it before any output is touched.
+
 
 class NoEdit:
     """The unedited baseline: post-edit scores are the model's own (a determinism check for the harness)."""
     name = "none"
     supports_sadr = False
+
+    def check_hparams(self, model, hparams: dict[str, Any]) -> None:
+        extra = sorted(set(hparams) - {"sadr", "template_seed"})
+        if extra:
+            raise UserError(f"the unedited baseline 'none' takes no hyper-parameters, got {extra}")
 
     def edit(self, model, tok, case, hparams) -> EditHandle:
         return EditHandle()
@@ -72,11 +81,16 @@ def available_editors() -> list[str]:
     return sorted(names)
 
 
+class UnknownEditorError(UserError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 def get_editor(name: str) -> Editor:
     if name in _BUILTINS:
         return _construct(_BUILTINS[name])
     for ep in entry_points(group="driftbench.editors"):
         if ep.name == name:
             return ep.load()()
-    raise KeyError(f"unknown editor {name!r}; available: {available_editors()}. "
+    raise UnknownEditorError(f"unknown editor {name!r}; available: {available_editors()}. "
                    "Third-party editors register an entry point in the group 'driftbench.editors'.")

@@ -22,7 +22,7 @@ Deliberate deviations from the reference (documented so numbers can be compared)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.schema import Case
+from driftbench.errors import UserError
 from model_layer.batching import right_pad
 
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -137,6 +138,32 @@ class ExtraLoss(Protocol):
     def __call__(self, step: int, attentions: tuple[torch.Tensor, ...] | None, batch: Batch) -> torch.Tensor | None: ...
 
 
+class HparamsError(UserError, ValueError):
+    """Hyper-parameters an editor cannot run with (unknown name, wrong type, out of range for the model)."""
+
+
+POSITIVE = ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "sadr_steps", "stats_tokens", "stats_max_len",
+            "mom2_update_weight")
+NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "early_stop_loss", "sadr_gamma", "template_seed")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_type(editor: str, f, value: Any) -> None:
+    """``value`` must have the field's type (an int is a float too; a list stands for a tuple)."""
+    default = f.default if f.default is not MISSING else {"int": 0, "float": 0.0, "str": ""}.get(str(f.type))
+    checks = ((bool, "true or false", lambda v: isinstance(v, bool)), (int, "an integer", _is_int),
+              (float, "a number", lambda v: _is_int(v) or isinstance(v, float)), (str, "a string",
+              lambda v: isinstance(v, str)), (tuple, "a list", lambda v: isinstance(v, (list, tuple))))
+    for typ, want, ok in checks:
+        if isinstance(default, typ):
+            if not ok(value):
+                raise HparamsError(f"{editor} hparams {f.name!r} must be {want}, got {value!r}")
+            return
+
+
 @dataclass
 class VHparams:
     layer: int
@@ -173,14 +200,33 @@ class LocateHparams(VHparams):
         names = {f.name for f in fields(cls)} - cls.derived()
         unknown = set(d) - names - {"sadr"}
         if unknown:
-            raise ValueError(f"unknown {cls.editor} hyper-parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+            raise HparamsError(f"unknown {cls.editor} hyper-parameter(s) {sorted(unknown)}; known: {sorted(names)}")
         for name, what in cls.required.items():
             if name not in d:
-                raise ValueError(f"{cls.editor} needs hparams {name!r} ({what})")
+                raise HparamsError(f"{cls.editor} needs hparams {name!r} ({what})")
         kw = {k: v for k, v in d.items() if k in names}
+        for f in fields(cls):
+            if f.name in kw:
+                _check_type(cls.editor, f, kw[f.name])
         if "template_lengths" in kw:
-            kw["template_lengths"] = tuple(tuple(x) for x in kw["template_lengths"])
-        return cls(**cls.derive(kw))
+            tl = kw["template_lengths"]
+            if not tl or not all(isinstance(x, (list, tuple)) and len(x) == 2 and all(_is_int(y) and y > 0 for y in x)
+                                 for x in tl):
+                raise HparamsError(f"{cls.editor} hparams 'template_lengths' must be a list of [length, count] pairs "
+                                   f"of positive integers, got {tl!r}")
+            kw["template_lengths"] = tuple(tuple(x) for x in tl)
+        hp = cls(**cls.derive(kw))
+        for name in POSITIVE:
+            if hasattr(hp, name) and not getattr(hp, name) > 0:
+                raise HparamsError(f"{cls.editor} hparams {name!r} must be > 0, got {getattr(hp, name)!r}")
+        for name in NON_NEGATIVE:
+            if hasattr(hp, name) and not getattr(hp, name) >= 0:
+                raise HparamsError(f"{cls.editor} hparams {name!r} must be >= 0, got {getattr(hp, name)!r}")
+        return hp
+
+    def edit_layers(self) -> tuple[int, ...]:
+        """The layers whose MLP this editor writes (checked against the model before any run)."""
+        return (self.layer,)
 
     @classmethod
     def derived(cls) -> set[str]:
@@ -199,6 +245,20 @@ class LocateHparams(VHparams):
 class LocateEditor:
     """Caches shared by locate-then-edit editors: context templates per (model, settings) and C per layer."""
     supports_sadr = True
+    hparams_cls: ClassVar[type[LocateHparams]] = LocateHparams
+
+    def check_hparams(self, model, hparams: dict[str, Any]) -> None:
+        """Raise HparamsError unless ``hparams`` parse and every edited layer exists in ``model`` (run before any
+        output is touched; ``model`` None checks names, types and ranges only)."""
+        from model_layer.arch import arch_for
+
+        hp = self.hparams_cls.from_dict(hparams)
+        if model is None:
+            return
+        n = arch_for(model).n_layers(model.config)
+        bad = [x for x in hp.edit_layers() if x >= n]
+        if bad:
+            raise HparamsError(f"{hp.editor} hparams name layer(s) {bad} but the model has {n} layers (0-{n - 1})")
 
     def __init__(self) -> None:
         self._templates: dict[tuple, list[str]] = {}

@@ -22,8 +22,8 @@ import torch
 
 from data_pipeline.schema import Case
 from editors.base import EditHandle
-from editors.core import (LocateEditor, LocateHparams, build_batch, grouped_mean, least_squares_update, make_request,
-                          module_io_at, optimise_target, subject_rows)
+from editors.core import (HparamsError, LocateEditor, LocateHparams, build_batch, grouped_mean, least_squares_update,
+                          make_request, module_io_at, optimise_target, subject_rows)
 from editors.sadr import SADRLoss
 from model_layer.arch import arch_for
 
@@ -50,11 +50,15 @@ class MemitHparams(LocateHparams):
         layers = kw["layers"]
         if (not isinstance(layers, (list, tuple)) or not layers or len(set(layers)) != len(layers)
                 or not all(isinstance(x, int) and x >= 0 for x in layers)):
-            raise ValueError(f"MEMIT hparams 'layers' must be a non-empty list of distinct layer indices, got {layers!r}")
+            raise HparamsError(f"MEMIT hparams 'layers' must be a non-empty list of distinct layer indices, got {layers!r}")
         return {**kw, "layers": tuple(sorted(layers)), "layer": max(layers)}
+
+    def edit_layers(self) -> tuple[int, ...]:
+        return self.layers
 
 
 class Memit(LocateEditor):
+    hparams_cls = MemitHparams
     name = "memit"
 
     def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:

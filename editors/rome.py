@@ -36,6 +36,7 @@ class RomeHparams(LocateHparams):
 
 class Rome(LocateEditor):
     name = "rome"
+    hparams_cls = RomeHparams
 
     def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:
         """Compute (or find) the second-moment statistics of the edited layer; returns what was prepared."""

@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from driftbench.errors import UserError
 from driftbench.io import atomic_write_json, atomic_write_text, read_jsonl
 from evaluators.metrics import AVG_S_METRICS, MAGNITUDES, drift_summary, get_protocol, score_cell_protocols
 
@@ -45,19 +46,23 @@ TABLE_METRICS: tuple[str, ...] = ("ES", "PS", "NS", "RS", "DNS", "RES", "OS", "D
 assert set(AVG_S_METRICS) <= set(TABLE_METRICS)
 
 
+class ResultFileError(UserError, ValueError):
+    """A result file that is not what `driftbench run-cell` writes (names the file, row and field)."""
+
+
 def parse_cell_id(cell: str) -> dict:
     """``"<profile>/<model>/<editor>[+sadr][.s<seed>]"`` → parts; the model part may itself contain "/" (hub ids
     like org/name). ``config`` is the editor part without the seed suffix; ``seed`` is None without one."""
     parts = cell.split("/") if isinstance(cell, str) else []
     if len(parts) < 3 or not all(parts):
-        raise ValueError(f"cell id {cell!r} is not of the form '<profile>/<model>/<editor>'")
+        raise ResultFileError(f"cell id {cell!r} is not of the form '<profile>/<model>/<editor>'")
     profile, model, editor = parts[0], "/".join(parts[1:-1]), parts[-1]
     m = SEED_RE.search(editor)
     config = editor[: m.start()] if m else editor
     sadr = config.endswith(SADR_SUFFIX)
     base = config[: -len(SADR_SUFFIX)] if sadr else config
     if not base:
-        raise ValueError(f"cell id {cell!r} has an empty editor name")
+        raise ResultFileError(f"cell id {cell!r} has an empty editor name")
     return {"profile": profile, "model": model, "editor": editor, "base_editor": base, "sadr": sadr,
             "config": config, "seed": int(m.group(1)) if m else None}
 
@@ -67,23 +72,23 @@ def load_cell(path: str | Path) -> tuple[str, list[dict]]:
     path = Path(path)
     rows = list(read_jsonl(path))
     if not rows:
-        raise ValueError(f"{path}: result file has no rows, so it names no cell; rerun its `driftbench run-cell` stage")
+        raise ResultFileError(f"{path}: result file has no rows, so it names no cell; rerun its `driftbench run-cell` stage")
     for no, row in enumerate(rows, 1):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {no} is not a JSON object")
+            raise ResultFileError(f"{path}: row {no} is not a JSON object")
     cells = {row.get("cell") for row in rows}
     if len(cells) != 1:
-        raise ValueError(f"{path}: rows of one result file must share one cell id, found {sorted(map(str, cells))}")
+        raise ResultFileError(f"{path}: rows of one result file must share one cell id, found {sorted(map(str, cells))}")
     cell = rows[0]["cell"]
     if cell is None:
-        raise ValueError(f"{path}: rows lack the 'cell' field")
+        raise ResultFileError(f"{path}: rows lack the 'cell' field")
     seen: set = set()
     for row in rows:
         cid = row.get("case_id")
         if cid is None:
-            raise ValueError(f"{path}: cell {cell!r}: a row lacks the 'case_id' field")
+            raise ResultFileError(f"{path}: cell {cell!r}: a row lacks the 'case_id' field")
         if cid in seen:
-            raise ValueError(f"{path}: cell {cell!r}: case_id {cid!r} appears twice; it would be counted twice")
+            raise ResultFileError(f"{path}: cell {cell!r}: case_id {cid!r} appears twice; it would be counted twice")
         seen.add(cid)
     return cell, rows
 
@@ -110,12 +115,15 @@ class SummaryBuilder:
         """Score one cell's rows (post phase, every protocol, drift), keep their pre-edit probes; return the entry."""
         path = Path(path)
         if cell in self._paths:
-            raise ValueError(f"{path}: cell {cell!r} is also in {self._paths[cell]}; give each cell one result file")
+            raise ResultFileError(f"{path}: cell {cell!r} is also in {self._paths[cell]}; give each cell one result file")
         self._paths[cell] = path
         info = parse_cell_id(cell)
         entry = dict(info, n_cases=len(rows), source=path.name)
-        entry.update(score_cell_protocols(rows, "post", self.protos))
-        entry["drift"] = drift_summary(rows)
+        try:
+            entry.update(score_cell_protocols(rows, "post", self.protos))
+            entry["drift"] = drift_summary(rows)
+        except ValueError as exc:  # a malformed number or pair, named by evaluators.metrics
+            raise ResultFileError(f"{path}: {exc}") from None
         self.cells[cell] = entry
         mkey = f"{info['profile']}/{info['model']}"
         self._pre_cells.setdefault(mkey, []).append(cell)
@@ -124,7 +132,7 @@ class SummaryBuilder:
             cid = row["case_id"]
             if cid in known:
                 if known[cid]["pre"] != row.get("pre"):
-                    raise ValueError(
+                    raise ResultFileError(
                         f"{path}: case_id {cid!r} has pre-edit probes that differ from those in cell "
                         f"{origin[cid]!r}; pre-edit results are shared per model, so these files come from different "
                         f"pre-edit runs; recompute one of them")
@@ -200,12 +208,29 @@ def seed_groups(cells: Mapping[str, Mapping], protocol_ids: list[str]) -> dict:
     return out
 
 
+def check_cases(path: Path, cell: str, rows: list[dict], expected: list[str]) -> None:
+    """A result file must hold exactly the ``expected`` cases (the profile's subset): a smoke run or a stale file
+    is refused, never summarised as if it were the run."""
+    got = [r["case_id"] for r in rows]
+    if set(got) != set(expected):
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        raise ResultFileError(
+            f"{path}: cell {cell!r} has {len(got)} cases but the profile's subset has {len(expected)}"
+            + (f" ({len(missing)} missing, e.g. {missing[0]})" if missing else "")
+            + (f" ({len(extra)} not in the subset, e.g. {extra[0]})" if extra else "")
+            + "; rerun its `driftbench run-cell` stage (without --limit)")
+
+
 def aggregate(result_files: Iterable[Path], out_json: Path, out_md: Path,
-              protocols: Iterable[str] = ("paper", "lm-eval")) -> dict:
-    """Score every result file under every protocol; write ``out_json`` and ``out_md`` atomically; return the summary."""
+              protocols: Iterable[str] = ("paper", "lm-eval"), expected_cases: list[str] | None = None) -> dict:
+    """Score every result file under every protocol; write ``out_json`` and ``out_md`` atomically; return the summary.
+    With ``expected_cases``, every file must hold exactly those cases. Every file is read and checked before
+    anything is written."""
     builder = SummaryBuilder(protocols)
     for path in sorted(Path(p) for p in result_files):
         cell, rows = load_cell(path)
+        if expected_cases is not None:
+            check_cases(path, cell, rows, expected_cases)
         builder.add(path, cell, rows)
     summary = builder.summary()
     atomic_write_json(out_json, summary)

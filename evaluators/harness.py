@@ -4,10 +4,12 @@ Reliability contract (design.md §6):
 - one JSON line per case, appended and fsynced (`driftbench.io.AppendLog`); a torn last line from ``kill -9``
   is dropped on the next start, so nothing is lost or duplicated;
 - resume skips case ids already done *with the same fingerprint* (model, dataset content id, editor, SADR flag,
-  hparams, and the sha256 of the source code that computes the rows, `code_identity`); rows of another
-  fingerprint or of cases no longer in the subset are discarded, so a code change can never leave stale rows;
-- when all cases are done the file is rewritten atomically in subset order, so the final file is
-  byte-identical whatever the history of interruptions. Timings (which vary run to run) go to a sidecar
+  hparams, and the sha256 of the source code that computes the rows, `code_identity`), looked up in the output's
+  journal (``.journal/<name>``: every row ever computed for it, any fingerprint; never truncated except a torn
+  last line), so a code change can never leave stale rows in the output and never deletes a finished row;
+- the output is written once, atomically, when all cases are done, in subset order, so it is byte-identical
+  whatever the history of interruptions, and a failed run (bad hparams, a bug) leaves it exactly as it was;
+- one process per output (a lock beside the journal). Timings (which vary run to run) go to a sidecar
   ``*.timings.jsonl`` so the results file itself stays reproducible; each timing row is appended after its result
   row, so a kill between the two can lose that one timing row (best-effort), never a result row.
 """
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from data_pipeline.schema import Case
-from driftbench.io import AppendLog, atomic_write_jsonl, dumps_line, read_jsonl, sha256_text
+from driftbench.errors import UserError
+from driftbench.io import AppendLog, OutputLock, atomic_write_jsonl, dumps_line, read_jsonl, sha256_text
 
 
 @dataclass
@@ -99,38 +102,61 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return sha256_text(dumps_line(parts))[:16]
 
 
+def journal_path(out_path: Path) -> Path:
+    """Default journal of an output: ``<folder>/.journal/<name>`` (ignored by git and DVC)."""
+    return out_path.parent / ".journal" / out_path.name
+
+
 def _resumable_loop(out_path: Path, cases: list[Case], fp: str, compute: Callable[[Case], tuple[dict, dict]],
-                    desc: str, progress: bool = True) -> list[dict]:
-    """Run ``compute(case) -> (row, timings)`` for every case not yet done; returns all rows in case order."""
+                    desc: str, progress: bool = True, journal: Path | None = None) -> list[dict]:
+    """Run ``compute(case) -> (row, timings)`` for every case not yet done; returns all rows in case order.
+
+    Every computed row is appended to the output's *journal* (an `AppendLog` of every row ever computed for it,
+    of any fingerprint) before anything else happens; the output itself is written once, atomically, when every
+    case is done. So a run that fails (bad input, a bug, ``kill -9``) leaves the finished output exactly as it was,
+    rows of an earlier configuration are kept in the journal when the output moves on (and reused if that
+    configuration comes back), and a smoke run that shares the journal never deletes anything. One process at a
+    time: a second one on the same output gets an "already running (pid N)" error."""
     from tqdm.auto import tqdm
 
-    wanted = {c.case_id for c in cases}
-    log = AppendLog(out_path)
-    keep = [r for r in log.rows if r.get("fingerprint") == fp and r.get("case_id") in wanted]
-    if len(keep) != len(log.rows):  # stale rows (other config or subset): drop them atomically
-        log.close()
-        atomic_write_jsonl(out_path, keep)
-        log = AppendLog(out_path)
-    done = {r["case_id"] for r in log.rows}
-    todo = [c for c in cases if c.case_id not in done]
-    timings = AppendLog(out_path.with_name(out_path.stem + ".timings.jsonl"))
-    bar = tqdm(total=len(cases), initial=len(done), desc=desc, unit="case", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
-    try:
-        for case in todo:
-            row, tim = compute(case)
-            row["fingerprint"] = fp
-            log.append(row)
-            timings.append({"case_id": case.case_id, "fingerprint": fp, **tim})
-            bar.update(1)
-    finally:
-        bar.close()
-        log.close()
-        timings.close()
-    by_id = {r["case_id"]: r for r in log.rows}
-    rows = [by_id[c.case_id] for c in cases]
-    atomic_write_jsonl(out_path, rows)
-    return rows
+    journal = journal or journal_path(out_path)
+    with OutputLock(journal.with_name(journal.name + ".lock"), str(out_path)):
+        finished = list(read_jsonl(out_path)) if out_path.is_file() else []
+        log = AppendLog(journal)
+        try:
+            banked = {(r.get("fingerprint"), r.get("case_id")) for r in log.rows if isinstance(r, dict)}
+            for r in finished:  # rows of the output the journal lacks (written before journals existed, or by DVC)
+                if (r.get("fingerprint"), r.get("case_id")) not in banked:
+                    log.append(r)
+            wanted = {c.case_id for c in cases}
+            done: dict[str, dict] = {}
+            for r in log.rows:
+                if isinstance(r, dict) and r.get("fingerprint") == fp and r.get("case_id") in wanted:
+                    done.setdefault(r["case_id"], r)
+            todo = [c for c in cases if c.case_id not in done]
+            timings = AppendLog(out_path.with_name(out_path.stem + ".timings.jsonl")) if todo else None
+            bar = tqdm(total=len(cases), initial=len(done), desc=desc, unit="case", disable=not progress,
+                       dynamic_ncols=True, smoothing=0.1)
+            try:
+                for case in todo:
+                    row, tim = compute(case)
+                    row["fingerprint"] = fp
+                    log.append(row)
+                    done[case.case_id] = row
+                    timings.append({"case_id": case.case_id, "fingerprint": fp, **tim})
+                    bar.update(1)
+            finally:
+                bar.close()
+                if timings is not None:
+                    timings.close()
+        finally:
+            log.close()
+        rows = [done[c.case_id] for c in cases]
+        if len(rows) != len(cases) or any(r["case_id"] != c.case_id for r, c in zip(rows, cases)):
+            raise RuntimeError(f"{out_path}: {len(rows)} rows for {len(cases)} cases")  # cannot happen: a bug
+        if finished != rows:
+            atomic_write_jsonl(out_path, rows)
+        return rows
 
 
 def _ppl_texts(ppl_corpus: str | Path | None) -> tuple[list[str] | None, str | None]:
@@ -145,7 +171,7 @@ def _ppl_texts(ppl_corpus: str | Path | None) -> tuple[list[str] | None, str | N
 
 def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out_path: Path,
             batch_size: int = 32, progress: bool = True, model_id: str | None = None,
-            ppl_corpus: str | Path | None = None) -> list[dict]:
+            ppl_corpus: str | Path | None = None, journal: Path | None = None) -> list[dict]:
     """Score every case on the unedited model once; every cell of this model reuses these rows.
 
     ``model_id`` identifies the weights (e.g. GGUF sha256 or hub id@revision) so that pointing the same model name
@@ -166,29 +192,35 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
         return ({"case_id": case.case_id, "source": case.source, "model": model_name, "scores": scores, "env": env},
                 {"score_s": time.perf_counter() - t0})
 
-    return _resumable_loop(Path(out_path), cases, fp, compute, desc=f"pre-edit {model_name}", progress=progress)
+    return _resumable_loop(Path(out_path), cases, fp, compute, desc=f"pre-edit {model_name}", progress=progress,
+                           journal=journal)
 
 
 def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre_path: Path, out_path: Path,
              batch_size: int = 32, verify_restore: bool = False, progress: bool = True,
-             model_id: str | None = None, ppl_corpus: str | Path | None = None) -> list[dict]:
-    """Edit → score → restore for each case of one cell (model × editor × ±SADR); ``model_id`` as in `run_pre`."""
+             model_id: str | None = None, ppl_corpus: str | Path | None = None,
+             journal: Path | None = None) -> list[dict]:
+    """Edit → score → restore for each case of one cell (model × editor × ±SADR); ``model_id`` and ``journal`` as
+    in `run_pre`. Everything is checked (pre-edit rows, editor, SADR support, hyper-parameters against the model)
+    before any output is touched."""
     from editors.base import get_editor
     from evaluators.drift import DriftProbe
     from evaluators.scoring import ProbeScorer
     from model_layer.checksum import param_checksum
 
     if not Path(pre_path).is_file():
-        raise RuntimeError(f"{pre_path} not found: run the pre-edit stage first (`driftbench evaluate pre`)")
+        raise UserError(f"{pre_path} not found: run the pre-edit stage first (`driftbench evaluate pre`)")
     pre = {r["case_id"]: r["scores"] for r in read_jsonl(pre_path)}
     missing = [c.case_id for c in cases if c.case_id not in pre]
     if missing:
-        raise RuntimeError(f"{pre_path} lacks pre-edit scores for {len(missing)} case(s), e.g. {missing[0]}: "
-                           "run the pre-edit stage first (`driftbench evaluate pre`)")
+        raise UserError(f"{pre_path} lacks pre-edit scores for {len(missing)} case(s), e.g. {missing[0]}: "
+                        "run the pre-edit stage first (`driftbench evaluate pre`)")
     editor = get_editor(spec.editor)
     if spec.sadr and not getattr(editor, "supports_sadr", False):
-        raise ValueError(f"editor {spec.editor!r} does not support SADR")
+        raise UserError(f"editor {spec.editor!r} does not support SADR: drop '+sadr' from the cell name")
     hparams = dict(spec.hparams, sadr=spec.sadr)
+    if hasattr(editor, "check_hparams"):
+        editor.check_hparams(model, hparams)
     texts, corpus_sha = _ppl_texts(ppl_corpus)
     scorer = ProbeScorer(model, tok, batch_size=batch_size, ppl_texts=texts)
     env = environment(model)
@@ -219,4 +251,4 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
         return row, {"edit_s": t1 - t0, "score_s": t2 - t1, "drift_s": t3 - t2, "restore_s": time.perf_counter() - t3,
                      "editor": handle.timings}
 
-    return _resumable_loop(Path(out_path), cases, fp, compute, desc=spec.cell_id, progress=progress)
+    return _resumable_loop(Path(out_path), cases, fp, compute, desc=spec.cell_id, progress=progress, journal=journal)

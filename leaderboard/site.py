@@ -46,7 +46,6 @@ from leaderboard.submission import BundleError, find_bundles, validate_bundle
 HERE = Path(__file__).resolve().parent
 INDEX_METRICS: tuple[str, ...] = TABLE_METRICS + ("FL", "PPL")   # then Avg.S
 RAW_METRICS = ("PPL",)            # a perplexity, shown as it is (FL is shown × 100 like the paper)
-REPRO_TOL = 0.01                  # |Δ| of every accuracy mean (fraction) for a submission to count as reproduced
 KIND_ORDER = {"pre": 0, "pipeline": 1, "submission": 2, "paper": 3}
 ORIGIN = {"pre": "pipeline", "pipeline": "pipeline", "submission": "submission", "paper": "paper"}
 ORIGIN_TEXT = {"pipeline": "this pipeline", "submission": "submission", "paper": "reported in paper"}
@@ -140,7 +139,7 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
             params: Mapping | None = None, card: Mapping | None = None, git: Mapping | None = None,
             protocols: Iterable[str] = ("paper", "lm-eval"), on_invalid: str = "error",
             dataset_cases: Mapping[str, str] | None = None, root: str | Path = ".",
-            log=None) -> SiteData:
+            profile_cases: Mapping[str, set] | None = None, log=None) -> SiteData:
     """Read every input and compute every entry (no rendering). ``on_invalid``: "error" raises on an invalid
     submission bundle; "skip" leaves it out and records why in ``SiteData.rejected``."""
     if on_invalid not in ("error", "skip"):
@@ -218,7 +217,7 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
     pipeline_by_cell = {e.cell: (e, ids) for e, ids in cell_pages}
     for bpath in find_bundles(submissions_dir) if submissions_dir else []:
         try:
-            b = validate_bundle(bpath, datasets, dataset_cases)
+            b = validate_bundle(bpath, datasets, dataset_cases, profile_cases)
         except BundleError as exc:
             if on_invalid == "error":
                 raise
@@ -233,12 +232,15 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
                   sadr=info["sadr"], dataset=m["dataset"]["version"], dataset_id=m["dataset"]["content_id"],
                   n_cases=len(b.rows), scores=scores, drift=b.summary["drift"], cell=m["cell"],
                   note=f"v{m['editor']['version']} · {m['submitter']['name']}")
-        reproduced = _reproduced(b, pipeline_by_cell.get(m["cell"]))
+        reproduced, differences = verification(b, pipeline_by_cell.get(m["cell"]))
+        if differences and m["cell"] in pipeline_by_cell:
+            log(f"{bpath}: not verified: {len(differences)} difference(s) from the pipeline, e.g. {differences[0]}")
         e.badges.append(("b-verified", "verified", f"reproduced by this pipeline ({reproduced})") if reproduced
                         else ("b-self", "self-reported", "submitted results, validated but not reproduced by the "
                               "pipeline"))
         e.page = {"per_case": per_case(b.rows, m["protocol_ids"]), "pre": b.summary["pre"],
                   "provenance": {"bundle": _rel(bpath, root), "metadata": m, "verified": reproduced,
+                                 "differences": differences[:20],
                                  "environments": prov.environments(b.rows),
                                  "fingerprints": prov.fingerprints(b.rows), "git": git}}
         entries.append(e)
@@ -255,6 +257,10 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
                                           f"{rec['source']}, Wang et al. (ICLR 2025), transcribed; not recomputed")]))
 
     _assign_groups(entries, params)
+    for e in entries:  # partial runs get a table of their own: listed, never ranked with full runs
+        if e.kind == "submission" and e.page["provenance"]["metadata"].get("partial"):
+            e.group = f"{e.group} · partial runs (not ranked)"
+            e.badges.append(("b-partial", "partial run", f"covers {e.n_cases} cases, not the profile's full set"))
     for e in entries:
         if e.page is not None:
             e.href = f"cells/{slug(e.cell or e.key, 'sub-' if e.kind == 'submission' else '', e.key)}.html"
@@ -272,30 +278,82 @@ def _rel(path: str | Path, root: str | Path) -> str:
         return Path(path).as_posix()
 
 
-def _reproduced(bundle, pipeline: tuple[Entry, set] | None) -> str | None:
-    """Why the pipeline reproduces a submission (same cell, dataset, cases; every accuracy within REPRO_TOL), or None."""
+VERIFY_REL, VERIFY_ABS = 1e-2, 1e-4  # continuous values (magnitudes, FL, PPL, drift) across machines' numerics
+CONTINUOUS = frozenset(MAGNITUDES) | {"FL", "PPL", "drift", "drift_DNS", "drift_RS"}
+
+
+def _differences(ours: Any, theirs: Any, path: str, continuous: bool = False) -> Iterable[str]:
+    """Where a submission's value differs from the pipeline's: success counts, accuracies, CIs and every other
+    discrete value exactly (to float rounding); continuous values (CONTINUOUS subtrees) within VERIFY_REL/ABS."""
+    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
+        for k in sorted(set(ours) | set(theirs), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in ours or k not in theirs:
+                yield f"{sub} only in {'the pipeline' if k in ours else 'the bundle'}"
+            else:
+                yield from _differences(ours[k], theirs[k], sub, continuous or k in CONTINUOUS)
+    elif isinstance(ours, list) and isinstance(theirs, list):
+        if len(ours) != len(theirs):
+            yield f"{path} has {len(theirs)} values, the pipeline {len(ours)}"
+        else:
+            for i, (x, y) in enumerate(zip(ours, theirs)):
+                yield from _differences(x, y, f"{path}[{i}]", continuous)
+    elif (isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and not isinstance(ours, bool)
+          and not isinstance(theirs, bool)):
+        if continuous:
+            close = abs(ours - theirs) <= VERIFY_ABS + VERIFY_REL * max(abs(ours), abs(theirs))
+        else:
+            close = abs(ours - theirs) <= 1e-9 * max(abs(ours), abs(theirs)) + 1e-12
+        if not close:
+            yield f"{path} is {theirs!r}, the pipeline computed {ours!r}"
+    elif ours != theirs:
+        yield f"{path} is {json.dumps(theirs)[:60]}, the pipeline has {json.dumps(ours)[:60]}"
+
+
+def _by_case(pc: Mapping) -> dict[str, dict]:
+    """per_case columns → {case_id: every value the drill-down shows for that case}."""
+    out: dict[str, dict] = {}
+    for i, cid in enumerate(pc["case_id"]):
+        out[cid] = {"source": pc["source"][i],
+                    "n": {ph: {m: v[i] for m, v in ms.items()} for ph, ms in pc["n"].items()},
+                    "s": {p: {ph: {m: v[i] for m, v in ms.items()} for ph, ms in phs.items()}
+                          for p, phs in pc["s"].items()},
+                    "drift": {k: v[i] for k, v in pc["drift"].items()}}
+    return out
+
+
+def verification(bundle, pipeline: tuple[Entry, set] | None) -> tuple[str | None, list[str]]:
+    """(why the pipeline reproduces the submission, or None; the differences found). Verified means every number
+    the site shows for the submission — every metric with its CI and count, magnitudes, FL/PPL, drift, pre-edit
+    scores, each case's drill-down — equals what this pipeline recomputed for the same cell, on the same dataset
+    and case set, with the same hyper-parameters (continuous values within 1%, see VERIFY_REL)."""
     if pipeline is None:
-        return None
+        return None, ["the pipeline has not run this cell"]
     entry, case_ids = pipeline
     m = bundle.metadata
     if (entry.dataset, entry.dataset_id) != (m["dataset"]["version"], m["dataset"]["content_id"]):
-        return None
+        return None, ["another dataset version"]
     if case_ids != {r["case_id"] for r in bundle.rows}:
-        return None
-    worst = 0.0
+        return None, ["another case set"]
+    ours_hp, theirs_hp = entry.page["provenance"].get("hparams"), m["editor"].get("hparams")
+    diffs = []
+    if theirs_hp is not None and ours_hp is not None:
+        diffs += [f"hparams: {d}" for d in _differences(ours_hp, theirs_hp, "")]
     for p in m["protocol_ids"]:
-        ours, theirs = entry.scores.get(p), bundle.summary["post"].get(p)
-        if ours is None or theirs is None:
-            return None
-        for metric in TABLE_METRICS:
-            a, b = _mean(ours.get(metric)), _mean(theirs.get(metric))
-            if (a is None) != (b is None):
-                return None
-            if a is not None:
-                worst = max(worst, abs(a - b))
-    if worst > REPRO_TOL:
-        return None
-    return f"same cell, dataset and {len(case_ids)} cases; every accuracy within {worst * 100:.2f} points"
+        if p not in entry.scores:
+            return None, [f"the pipeline has no {p!r} scores"]
+        diffs += _differences(entry.scores[p], bundle.summary["post"][p], f"post.{p}")
+        diffs += _differences(entry.page["pre"][p], bundle.summary["pre"][p], f"pre.{p}")
+    diffs += _differences(entry.drift, bundle.summary["drift"], "drift", True)
+    ours_pc = _by_case(entry.page["per_case"])
+    theirs_pc = _by_case(per_case(bundle.rows, m["protocol_ids"]))
+    for cid, theirs in theirs_pc.items():
+        ours = dict(ours_pc[cid], s={p: ours_pc[cid]["s"][p] for p in m["protocol_ids"]})
+        diffs += _differences(ours, theirs, f"case {cid}")
+    if diffs:
+        return None, diffs
+    return (f"same cell, dataset, hyper-parameters and {len(case_ids)} cases; every number shown equals the "
+            f"pipeline's (continuous values within {VERIFY_REL:.0%})"), []
 
 
 def _assign_groups(entries: list[Entry], params: Mapping | None) -> None:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from driftbench import __version__
-from driftbench.io import dumps_line
+from driftbench.errors import UserError
+from driftbench.io import JsonInputError, dumps_line, loads_strict
 from evaluators.aggregate import parse_cell_id
 from evaluators.metrics import PROTOCOLS
 from leaderboard.scores import load_result_file, summarize
@@ -46,7 +47,7 @@ MAX_ERRORS = 20
 REL_TOL, ABS_TOL = 1e-9, 1e-12  # recomputed floats may differ in the last bits across numpy builds, no more
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A rejected bundle; ``errors`` lists every problem found, each naming the file and field and what to do."""
 
     def __init__(self, bundle: str | Path, errors: list[str]):
@@ -147,22 +148,23 @@ def read_bundle_files(path: str | Path) -> dict[str, bytes]:
 
 
 def _json(files: Mapping[str, bytes], name: str, errors: list[str]) -> Any:
+    """One JSON file of the bundle, parsed strictly (UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting)."""
     try:
-        return json.loads(files[name].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        errors.append(f"{name}: not valid UTF-8 JSON ({exc}); regenerate it with `driftbench submit`")
+        return loads_strict(files[name], name)
+    except JsonInputError as exc:
+        errors.append(f"{exc}; regenerate it with `driftbench submit`")
         return None
 
 
 def _rows(data: bytes, errors: list[str]) -> list:
     rows = []
-    for no, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    for no, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            errors.append(f"cases.jsonl: line {no} is not valid JSON ({exc.msg}); regenerate it with `driftbench submit`")
+            rows.append(loads_strict(line, f"cases.jsonl: line {no}"))
+        except JsonInputError as exc:
+            errors.append(f"{exc}; regenerate it with `driftbench submit`")
             if len(errors) >= MAX_ERRORS:
                 break
     return rows
@@ -200,8 +202,31 @@ def expected_cell(meta: Mapping) -> str:
     return f"{meta['profile']}/{meta['model']}/{ed['name']}{'+sadr' if ed['sadr'] else ''}"
 
 
-def validate_bundle(path: str | Path, datasets: Mapping[str, str],
-                    dataset_cases: Mapping[str, str] | None = None) -> Bundle:
+def _cell_matches(meta: Mapping) -> bool:
+    """The cell id is what profile/model/editor give, optionally with a context-template seed suffix ``.s<n>``."""
+    import re
+
+    return re.fullmatch(re.escape(expected_cell(meta)) + r"(\.s\d+)?", meta["cell"]) is not None
+
+
+def validate_bundle(path: str | Path, datasets: Mapping[str, str], dataset_cases: Mapping[str, str] | None = None,
+                    profile_cases: Mapping[str, set] | None = None) -> Bundle:
+    """Validate a bundle folder or ``.tar.gz``; return it, or raise :class:`BundleError` (and nothing else: content
+    malformed in a way no check names still becomes a BundleError, so one bad bundle can never crash a build).
+
+    ``profile_cases``: profile name → the case ids a full run of it covers; when given, a bundle must cover exactly
+    its profile's cases, or say ``"partial": true`` and cover a subset of them (listed apart, never ranked)."""
+    try:
+        return _validate(path, datasets, dataset_cases, profile_cases)
+    except BundleError:
+        raise
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError, RecursionError, OverflowError) as exc:
+        raise BundleError(path, [f"malformed content ({type(exc).__name__}: {str(exc)[:200]}); regenerate the bundle "
+                                 "with `driftbench submit`"]) from None
+
+
+def _validate(path: str | Path, datasets: Mapping[str, str], dataset_cases: Mapping[str, str] | None,
+              profile_cases: Mapping[str, set] | None) -> Bundle:
     """Validate a bundle folder or ``.tar.gz``; return it, or raise :class:`BundleError` listing every problem.
 
     ``datasets``: accepted dataset versions → content ids (from ``data/<version>/card.json``).
@@ -219,7 +244,7 @@ def validate_bundle(path: str | Path, datasets: Mapping[str, str],
         errors += meta_errors
         meta_ok = not meta_errors
         if meta_ok:
-            if meta["cell"] != expected_cell(meta):
+            if not _cell_matches(meta):
                 errors.append(f"metadata.json: field 'cell' is {meta['cell']!r} but profile/model/editor.name/"
                               f"editor.sadr give {expected_cell(meta)!r}; make them agree")
             ds = meta["dataset"]
@@ -275,6 +300,8 @@ def validate_bundle(path: str | Path, datasets: Mapping[str, str],
                               f"from {dataset_cases[cid]!r}")
     if meta_ok and rows and meta["n_cases"] != len(rows):
         errors.append(f"metadata.json: field 'n_cases' is {meta['n_cases']} but cases.jsonl has {len(rows)} rows")
+    if meta_ok and rows and profile_cases is not None and not errors:
+        errors += coverage_errors(meta, {r["case_id"] for r in rows}, profile_cases)
 
     summary = _json(files, "summary.json", errors)
     if summary is not None:
@@ -300,6 +327,22 @@ def validate_bundle(path: str | Path, datasets: Mapping[str, str],
         raise BundleError(path, [f"summary.json: {m}; summary.json must be exactly what the rows give: regenerate "
                                  "it with `driftbench submit` (never edit it by hand)" for m in mismatches[:MAX_ERRORS]])
     return Bundle(path=path, metadata=meta, rows=rows, summary=computed)
+
+
+def coverage_errors(meta: Mapping, got: set, profile_cases: Mapping[str, set]) -> list[str]:
+    """A full run covers exactly its profile's case set; a run labelled ``partial`` covers part of it."""
+    want = profile_cases.get(meta["profile"])
+    if want is None:
+        return [f"metadata.json: field 'profile' is {meta['profile']!r}, which this leaderboard does not define "
+                f"(profiles: {', '.join(sorted(profile_cases)) or 'none'}); run the cell under one of them"]
+    outside = sorted(got - set(want))
+    if outside:
+        return [f"cases.jsonl: {len(outside)} case(s) are not in profile {meta['profile']!r}'s case set, e.g. "
+                f"{outside[0]}; run the cell on the profile's cases (`driftbench run-cell -p {meta['profile']}`)"]
+    if len(got) != len(want) and not meta.get("partial"):
+        return [f"cases.jsonl: covers {len(got)} of the {len(want)} cases of profile {meta['profile']!r}; finish the "
+                "run, or label the bundle a partial run (`driftbench submit --partial`: listed apart, never ranked)"]
+    return []
 
 
 def dataset_cases(cases_jsonl: str | Path) -> dict[str, str]:
@@ -332,7 +375,8 @@ def bundle_name(cell: str) -> str:
 def pack_bundle(result_file: str | Path, out: str | Path, *, dataset: Mapping[str, str], editor: Mapping[str, Any],
                 submitter: Mapping[str, str], protocols: list[str] | None = None, git_commit: str = "unknown",
                 notes: str | None = None, tar: bool = False, datasets: Mapping[str, str] | None = None,
-                dataset_case_map: Mapping[str, str] | None = None) -> Path:
+                dataset_case_map: Mapping[str, str] | None = None, partial: bool = False,
+                profile_cases: Mapping[str, set] | None = None) -> Path:
     """Pack one cell's result file into a bundle at ``out`` (a folder, or ``out`` + ``.tar.gz`` when ``tar``),
     validate it, and return its path. ``editor`` holds version, description and optionally url, plugin, package,
     hparams; name and sadr come from the cell id. Written atomically: nothing appears unless it validates."""
@@ -360,6 +404,8 @@ def pack_bundle(result_file: str | Path, out: str | Path, *, dataset: Mapping[st
     }
     if notes:
         meta["notes"] = notes
+    if partial:
+        meta["partial"] = True
     meta_bytes = (json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
     contents = {"metadata.json": meta_bytes, "cases.jsonl": body, "summary.json": summary_bytes}
 
@@ -376,7 +422,7 @@ def pack_bundle(result_file: str | Path, out: str | Path, *, dataset: Mapping[st
             target = tmp / f"{out.name}.tar.gz"
             _write_tar(folder, target)
         validate_bundle(target, datasets if datasets is not None else {dataset["version"]: dataset["content_id"]},
-                        dataset_case_map)
+                        dataset_case_map, profile_cases)
         final = out.with_name(out.name + ".tar.gz") if tar else out
         if final.exists():
             raise FileExistsError(f"{final} exists; remove it or pass another --out")

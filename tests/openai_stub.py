@@ -83,6 +83,12 @@ class OpenAIStub:
                         return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
                     if fault == "401":
                         return self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
+                    if fault in ("empty", "null"):  # a 200 without a model answer
+                        return self._send(200, {
+                            "id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": req.get("model"),
+                            "choices": [] if fault == "empty" else [
+                                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": None}}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}})
                     if fault == "slow":
                         time.sleep(stub.slow_s)
                     answer = stub.responder(prompt)

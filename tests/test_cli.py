@@ -7,8 +7,10 @@ evaluate pre, run-cell) run `driftbench.cli.main` in this process, in the same w
 subprocess)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 import yaml
 
 from driftbench.cli import main
+from driftbench.io import atomic_write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-llama"
@@ -164,5 +167,63 @@ def test_pipeline_in_a_temporary_project(tmp_path, mirror, tiny_model_dirs, monk
     assert "| editor | ES | PS |" in out and "| none |" in out and "| pre (unedited) |" in out
     md = (tmp_path / "results/summary.md").read_text()
     assert out.split("\nwrote ")[0].strip() in md
+
+    # issue 11 item 2: a smoke run (--limit) writes under smoke/ and never touches the full run's files
+    full_pre, full_cell = (tmp_path / f"results/embedded/{MODEL}/pre.jsonl").read_bytes(), cell_file.read_bytes()
+    assert main(["evaluate", "pre", "--limit", "1", "--no-progress"]) == 0
+    assert main(["run-cell", "-c", "none", "--limit", "1", "--no-progress"]) == 0
+    assert (tmp_path / f"results/embedded/{MODEL}/pre.jsonl").read_bytes() == full_pre
+    assert cell_file.read_bytes() == full_cell
+    smoke = [json.loads(x) for x in (tmp_path / f"results/embedded/{MODEL}/smoke/cells/none.jsonl").read_text()
+             .splitlines()]
+    assert [r["case_id"] for r in smoke] == subset["case_ids"][:1] and smoke[0] == rows[0]  # reused, not recomputed
+    # ... and aggregate refuses a cell file that does not hold the profile's cases
+    atomic_write_jsonl(cell_file, rows[:1])
+    res = run_cli("aggregate", cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "has 1 cases but the profile's subset has 4" in res.stderr
+    assert "Traceback" not in res.stderr
+    cell_file.write_bytes(full_cell)
+
+    # issue 11 item 9: the pipeline's own rows (with post.fluency and post.me_ppl) pack and validate
+    capsys.readouterr()
+    assert main(["submit", "-c", "none", "--submitter", "CI"]) == 0
+    bundle = tmp_path / "leaderboard" / "submissions" / f"embedded__{MODEL}__none"
+    packed = [json.loads(x) for x in (bundle / "cases.jsonl").read_text().splitlines()]
+    assert any({"fluency", "me_ppl"} <= set(r["post"]) for r in packed) and packed == rows
+    assert main(["validate", str(bundle)]) == 0 and "OK" in capsys.readouterr().out
+
+    # issue 11 item 10: every error a user can cause is one line, exit status 2, before any model loads
+    def fails(*args, params_edit=None, match):
+        if params_edit is not None:
+            bad = copy.deepcopy(params)
+            params_edit(bad["profiles"]["embedded"])
+            (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+            args = ("--params", "bad.yaml") + args
+        res = run_cli(*args, cwd=tmp_path, check=False)
+        assert res.returncode == 2, res.stderr
+        assert re.search(match, res.stderr), res.stderr
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) <= 2 and lines[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+        assert "Loading weights" not in res.stderr  # refused before the model was loaded
+        return res
+
+    fails("run-cell", "-c", "nosuch", match="unknown editor 'nosuch'")
+    fails("run-cell", "-c", "none+sadr", match="no SADR variant")
+    fails("run-cell", "-c", "../../etc/x", match="is not a cell name")
+    fails("run-cell", "-c", "memit", "--no-progress", params_edit=lambda p: p["hparams"][MODEL]["memit"].update(
+        layers="1"), match="'layers' must be a list")
+    fails("run-cell", "-c", "memit", params_edit=lambda p: p["hparams"][MODEL]["memit"].update(layrs=[1]),
+          match="unknown MEMIT hyper-parameter")
+    fails("dataset", "subset", params_edit=lambda p: p.update(subset_size="4"), match="subset_size must be an integer")
+    fails("dataset", "subset", params_edit=lambda p: p.update(subset_size=-1), match="subset_size must be an integer")
+    (tmp_path / "broken.yaml").write_text("data: {out: x\nprofiles: [")
+    fails("--params", "broken.yaml", "aggregate", match=r"broken.yaml:\d+: not valid YAML")
+    good = cell_file.read_bytes()
+    cell_file.write_bytes(good[: len(good) // 2] + b"garbage\n" + good[len(good) // 2:])
+    fails("aggregate", match=r"cells/none.jsonl:\d+: not valid JSON")
+    cell_file.write_bytes(good)
+    res = run_cli("--debug", "run-cell", "-c", "nosuch", cwd=tmp_path, check=False)
+    assert res.returncode != 0 and "Traceback" in res.stderr  # --debug shows where it came from
+
     shutil.rmtree(tmp_path / "models")  # keep the temp folder small
     assert not list(tmp_path.rglob("*.tmp"))

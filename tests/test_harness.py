@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from driftbench.errors import UserError
 from driftbench.io import atomic_write_jsonl, dumps_line, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,11 +190,12 @@ def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data,
     cmd = [sys.executable, str(driver), str(model_dir), str(data.cases_path), str(work), data.content_id]
     env = dict(os.environ, PYTHONPATH=str(ROOT), TEST_THREADS=str(torch.get_num_threads()), TEST_DELAY_S="0.4")
     out_file = work / "none.jsonl"
+    journal = work / ".journal" / "none.jsonl"  # rows land here first; the output appears once, when complete
 
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while _complete_lines(out_file) < 2:
+        while _complete_lines(journal) < 2:
             assert proc.poll() is None, f"driver exited early:\n{proc.stdout.read().decode(errors='replace')}"
             assert time.monotonic() < deadline, "driver wrote fewer than 2 rows in 240 s"
             time.sleep(0.02)
@@ -204,9 +206,10 @@ def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data,
         proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    done = _complete_lines(out_file)
+    done = _complete_lines(journal)
     assert 2 <= done < N_CASES
-    with open(out_file, "ab") as fh:  # as if killed in the middle of writing the next row
+    assert not out_file.exists()  # an unfinished run never shows a partial output
+    with open(journal, "ab") as fh:  # as if killed in the middle of writing the next row
         fh.write(b'{"case_id":"' + data.cases[done].case_id.encode() + b'","cell":"embedded/tin')
 
     # finish it (here, in this process): only the missing cases are computed
@@ -223,8 +226,11 @@ def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data,
     # (never a result row, and never a duplicate)
     all_ids = {c.case_id for c in data.cases}
     assert set(timing_ids) <= all_ids and len(all_ids - set(timing_ids)) <= 1
-    assert sorted(p.name for p in work.iterdir()) == ["none.jsonl", "none.timings.jsonl", "pre.jsonl",
-                                                     "pre.timings.jsonl"]  # no temp files left
+    # no temp files left (pre.jsonl was complete, so pre computed nothing and wrote no timings)
+    assert sorted(p.name for p in work.iterdir()) == [".journal", "none.jsonl", "none.timings.jsonl", "pre.jsonl"]
+    assert sorted(p.name for p in (work / ".journal").iterdir()) == ["none.jsonl", "none.jsonl.lock", "pre.jsonl",
+                                                                    "pre.jsonl.lock"]
+    assert [r["case_id"] for r in read_jsonl(journal)] == [r["case_id"] for r in reference.cell]  # once each
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -253,7 +259,7 @@ def test_other_fingerprint_is_recomputed_and_dropped_cases_removed(tmp_path, ref
 
     model, tok = tiny
     work = _copy_reference(reference, tmp_path)
-    spec = CellSpec(PROFILE, MODEL, "none", hparams={"layers": [1], "lr": 0.5})  # same cell, other hyper-params
+    spec = CellSpec(PROFILE, MODEL, "none", hparams={"template_seed": 5})  # same cell, other hyper-params
     rows = run_cell(model, tok, spec, data.content_id, data.cases, work / "pre.jsonl", work / "none.jsonl",
                     progress=False)
     assert counters == {"edit": N_CASES, "score": N_CASES}
@@ -286,16 +292,116 @@ def test_other_fingerprint_is_recomputed_and_dropped_cases_removed(tmp_path, ref
     assert (work / "pre.jsonl").read_bytes() == "".join(dumps_line(r) + "\n" for r in pre).encode("utf-8")
 
 
+def test_changed_config_keeps_old_rows_in_the_journal(tmp_path, reference, data, tiny, counters):
+    """Issue 11: the output moves on to a new configuration, but the old rows stay in the journal, and going back
+    to the old configuration reuses them (nothing recomputed, output byte-identical to before)."""
+    from evaluators.harness import CellSpec, run_cell
+
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path)
+    run_cell(model, tok, CellSpec(PROFILE, MODEL, "none", hparams={"template_seed": 5}), data.content_id,
+             data.cases, work / "pre.jsonl", work / "none.jsonl", progress=False)
+    assert counters["edit"] == N_CASES
+    journal = list(read_jsonl(work / ".journal" / "none.jsonl"))
+    assert len(journal) == 2 * N_CASES and len({r["fingerprint"] for r in journal}) == 2
+    counters.update(edit=0, score=0)
+    run_cell(model, tok, CellSpec(PROFILE, MODEL, "none"), data.content_id, data.cases, work / "pre.jsonl",
+             work / "none.jsonl", progress=False)
+    assert counters == {"edit": 0, "score": 0}
+    assert (work / "none.jsonl").read_bytes() == reference.cell_bytes
+    assert len(list(read_jsonl(work / ".journal" / "none.jsonl"))) == 2 * N_CASES  # nothing appended twice
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"layer": 99}, "the model has 4 layers"),
+    ({"layer": "1"}, "'layer' must be an integer"),
+    ({"layr": 1}, "unknown ROME hyper-parameter"),
+    ({"layer": 1, "v_num_grad_steps": "20"}, "'v_num_grad_steps' must be an integer"),
+    ({"layer": 1, "v_num_grad_steps": 0}, "'v_num_grad_steps' must be > 0"),
+    ({"layer": 1, "sadr_gamma": True}, "'sadr_gamma' must be a number"),
+    ({"layer": 1, "template_lengths": [[5]]}, "template_lengths"),
+])
+def test_bad_hparams_never_touch_a_finished_cell(tmp_path, reference, data, tiny, counters, bad, match):
+    """Issue 11 item 1: hyper-parameters the editor cannot run with are refused before any output is touched (a
+    finished 4-row rome.jsonl used to be emptied, then the run failed)."""
+    from editors.core import HparamsError
+    from evaluators.harness import CellSpec, run_cell
+
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path)
+    out = work / "rome.jsonl"
+    out.write_bytes(reference.cell_bytes)  # a finished cell (its fingerprint is another config's: it would be redone)
+    with pytest.raises(HparamsError, match=match):
+        run_cell(model, tok, CellSpec(PROFILE, MODEL, "rome", hparams=bad), data.content_id, data.cases,
+                 work / "pre.jsonl", out, progress=False)
+    assert out.read_bytes() == reference.cell_bytes
+    assert not (work / ".journal").exists() and counters == {"edit": 0, "score": 0}
+
+
+def test_a_failing_run_leaves_the_finished_output_as_it_was(tmp_path, monkeypatch, reference, data, tiny):
+    """A run that fails half-way (here: an editor that raises on its third case) never shrinks the finished output;
+    the rows it did compute are in the journal and are not computed again."""
+    import editors.base
+    from evaluators.harness import CellSpec, run_cell
+
+    calls = []
+
+    class Flaky:
+        name, supports_sadr = "flaky", False
+
+        def edit(self, model, tok, case, hparams):
+            calls.append(case.case_id)
+            if len(calls) == 3:
+                raise RuntimeError("boom")
+            return editors.base.EditHandle()
+
+    monkeypatch.setitem(editors.base._BUILTINS, "flaky", Flaky)
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path)
+    out = work / "flaky.jsonl"
+    out.write_bytes(reference.cell_bytes)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_cell(model, tok, CellSpec(PROFILE, MODEL, "flaky"), data.content_id, data.cases, work / "pre.jsonl",
+                 out, progress=False)
+    assert out.read_bytes() == reference.cell_bytes
+    assert len(list(read_jsonl(work / ".journal" / "flaky.jsonl"))) == N_CASES + 2  # banked old rows + 2 new
+    rows = run_cell(model, tok, CellSpec(PROFILE, MODEL, "flaky"), data.content_id, data.cases, work / "pre.jsonl",
+                    out, progress=False)
+    assert len(calls) == 3 + N_CASES - 2 and len(rows) == N_CASES
+
+
+def test_a_second_process_on_the_same_output_is_refused(tmp_path, reference, data, tiny):
+    """Issue 11 item 5: one process per output; the second one says who holds it and computes nothing."""
+    from evaluators.harness import CellSpec, run_cell
+
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path, cell=False)
+    lock = work / ".journal" / "none.jsonl.lock"
+    lock.parent.mkdir()
+    code = ("import time; from driftbench.io import OutputLock\n"
+            f"with OutputLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"already running \\(pid {proc.pid}"):
+            run_cell(model, tok, CellSpec(PROFILE, MODEL, "none"), data.content_id, data.cases, work / "pre.jsonl",
+                     work / "none.jsonl", progress=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (work / "none.jsonl").exists()
+
+
 def test_run_cell_without_pre_rows_raises(tmp_path, reference, data, tiny):
     from evaluators.harness import CellSpec, run_cell
 
     model, tok = tiny
     spec = CellSpec(PROFILE, MODEL, "none")
     atomic_write_jsonl(tmp_path / "pre.jsonl", reference.pre[:3])
-    with pytest.raises(RuntimeError, match="driftbench evaluate pre"):
+    with pytest.raises(UserError, match="driftbench evaluate pre"):
         run_cell(model, tok, spec, data.content_id, data.cases, tmp_path / "pre.jsonl", tmp_path / "none.jsonl",
                  progress=False)
-    with pytest.raises(RuntimeError, match="driftbench evaluate pre"):  # no pre-edit file at all
+    with pytest.raises(UserError, match="driftbench evaluate pre"):  # no pre-edit file at all
         run_cell(model, tok, spec, data.content_id, data.cases, tmp_path / "missing.jsonl", tmp_path / "none.jsonl",
                  progress=False)
     assert not (tmp_path / "none.jsonl").exists()
@@ -350,7 +456,8 @@ def test_verify_restore_catches_a_broken_editor(tmp_path, monkeypatch, reference
     with pytest.raises(RuntimeError, match=r"weights differ after restore\(\)"):
         run_cell(model, tok, CellSpec(PROFILE, MODEL, "broken"), data.content_id, data.cases,
                  reference.dir / "pre.jsonl", tmp_path / "broken.jsonl", verify_restore=True, progress=False)
-    assert (tmp_path / "broken.jsonl").read_bytes() == b""  # no row for the case that failed verification
+    assert not (tmp_path / "broken.jsonl").exists()  # no output for a run that failed
+    assert (tmp_path / ".journal" / "broken.jsonl").read_bytes() == b""  # no row for the case that failed verification
 
 
 def test_verify_restore_passes_for_a_correct_editor(tmp_path, monkeypatch, reference, data, model_dir):

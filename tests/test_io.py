@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from driftbench.io import (AppendLog, atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text,
+from driftbench.io import (AppendLog, JsonInputError, OutputLock, atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text,
                            dumps_line, read_jsonl)
 
 ROWS = [{"case_id": "cf-1", "v": 1.5}, {"case_id": "wd-2", "v": [1, 2]}, {"case_id": "cf-3", "text": "Zürich"}]
@@ -33,7 +33,6 @@ def _leftovers(folder: Path, name: str) -> list[str]:
     b'{"case_id": "cf-4", "v": 2',                     # torn mid-object, no newline
     b'{"case_id": "cf-4", "v": 2}',                    # a whole object but its newline never made it
     '{"case_id": "cf-4", "text": "Zü'.encode()[:-1],   # cut inside a multi-byte UTF-8 character
-    b'{"case_id": "cf-4", "v"\n',                      # a partial JSON line that does end in a newline
     b'{"case_id": "cf-4", "v": 2}\n{"case_',           # one more complete line, then a torn one
 ])
 def test_appendlog_drops_torn_tail_and_keeps_complete_lines(tmp_path, tail):
@@ -205,3 +204,64 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"a":1}\n\n{"a":\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
         list(read_jsonl(path))
+
+
+# ------------------------------------------------------------------------------------------------ issue 11: corruption
+@pytest.mark.parametrize("bad, what", [
+    (b'{"case_id": "cf-4", "v"\n', "not valid JSON"),          # a partial line that ends in a newline: not a torn tail
+    (b"<<<<<<< HEAD\n", "not valid JSON"),                     # a merge-conflict marker
+    (b'{"case_id": "cf-4", "case_id": "x"}\n', "duplicate key"),
+    (b'{"case_id": "cf-4", "v": NaN}\n', "NaN is not a JSON number"),
+    (b'{"case_id": "cf-4", "v": Infinity}\n', "Infinity"),
+    (b'{"case_id": "\xff\xfe"}\n', "not valid UTF-8"),
+    (b"[" * 200 + b"]" * 200 + b"\n", "nested"),
+])
+def test_appendlog_refuses_a_bad_complete_line_and_changes_nothing(tmp_path, bad, what):
+    """Only a torn *last* line may be dropped: a bad complete line in the middle is an error naming file and line,
+    and the file keeps every byte (issue 11 item 3: a bad line 2 of 4 used to cut the file to 1 row)."""
+    path = tmp_path / "log.jsonl"
+    good = _write_log(path, ROWS[:1])
+    rest = "".join(dumps_line(r) + "\n" for r in ROWS[1:]).encode()
+    path.write_bytes(good + bad + rest + b'{"torn')
+    before = path.read_bytes()
+    with pytest.raises(JsonInputError, match=what) as exc:
+        AppendLog(path)
+    assert f"{path}:2:" in str(exc.value)
+    assert path.read_bytes() == before
+    with pytest.raises(JsonInputError, match=f"{path}:2:"):
+        list(read_jsonl(path))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_writes_follow_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_write_json(tmp_path / "b.json", {"a": 1})
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "b.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_dumps_line_refuses_nan():
+    with pytest.raises(ValueError):
+        dumps_line({"v": float("nan")})
+
+
+def test_output_lock_refuses_a_second_process(tmp_path):
+    lock = tmp_path / "out.lock"
+    code = ("import sys, time; from driftbench.io import OutputLock\n"
+            f"with OutputLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(Exception, match=f"already running \\(pid {proc.pid}"):
+            with OutputLock(lock, "results/x.jsonl"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with OutputLock(lock, "x"):  # the kernel dropped the dead holder's lock: no stale lock file blocks a rerun
+        assert lock.read_text().strip() == str(os.getpid())

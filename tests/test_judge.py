@@ -4,6 +4,7 @@ raw → merge → judge → artifact build (no network: loopback only).
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -97,6 +98,48 @@ def test_retries_exhausted_and_non_retryable_errors(stub, tmp_path, key):
         run(cfg_for(stub, tmp_path), [prompt(5, "AUTH ")])
     assert "HTTP 401" in str(exc.value) and "not retried" in str(exc.value) and SECRET not in str(exc.value)
     assert stub.counts[prompt(5, "AUTH ")] == 1
+
+
+def test_empty_answers_are_retried_and_never_cached(stub, tmp_path, key):
+    """Issue 11 item 4: ``choices: []`` or ``content: null`` is not an answer: retried, never cached (it used to be
+    cached forever as 'unparseable'); an old cache row without a text answer is asked again."""
+    stub.faults["EMPTY"] = ["empty", "null"]
+    ps = [prompt(0), prompt(1, "EMPTY ")]
+    labels, st = run(cfg_for(stub, tmp_path, max_retries=3), ps)
+    assert labels == {ps[0]: "unrelated", ps[1]: "unrelated"} and stub.counts[ps[1]] == 3
+    assert st.server_errors == 2 and st.retries == 2
+    rows = [json.loads(x) for x in (tmp_path / "judgments.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["answer"], str) for r in rows)
+    # all retries used up on empty answers: an error, and nothing cached for that prompt
+    stub.faults["NONE"] = ["empty"] * 5
+    with pytest.raises(JudgeError, match="no choices"):
+        run(cfg_for(stub, tmp_path, max_retries=1), [prompt(2, "NONE ")])
+    assert len((tmp_path / "judgments.jsonl").read_text().splitlines()) == 2
+    # a row an older version cached from an empty answer does not count as cached
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps({"key": cache_key("judge-test", ps[0]), "model": "judge-test", "prompt": ps[0],
+                                "answer": None, "label": "unparseable"}) + "\n")
+    with JudgmentCache(path) as c:
+        assert c.get(cache_key("judge-test", ps[0])) is None
+
+
+def test_corrupt_cache_line_is_an_error_and_keeps_every_answer(stub, tmp_path, key):
+    """Issue 11 item 3: a merge-conflict marker after line 1 used to cut an 11-answer cache to 1 answer."""
+    ps = [prompt(i) for i in range(11)]
+    run(cfg_for(stub, tmp_path), ps)
+    path = tmp_path / "judgments.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + b"<<<<<<< HEAD\n" + b"".join(lines[1:]))
+    before = path.read_bytes()
+    with pytest.raises(Exception, match=f"{path}:2: not valid JSON"):
+        run(cfg_for(stub, tmp_path), ps)
+    with pytest.raises(Exception, match=f"{path}:2"):
+        JudgmentCache(path, readonly=True)
+    assert path.read_bytes() == before
+    path.write_bytes(b"".join(lines))  # the conflict resolved: every answer is there, nothing is asked again
+    n = sum(stub.counts.values())
+    labels, st = run(cfg_for(stub, tmp_path), ps, mode="replay")
+    assert len(labels) == 11 and sum(stub.counts.values()) == n
 
 
 def test_concurrency_is_bounded(stub, tmp_path, key):
@@ -277,10 +320,10 @@ def test_cli_build_raw_dry_run_build_and_replay(stub, tmp_path, key, capsys, mon
     stub.stop()
     main(["--params", str(params), "dataset", "build-raw", "--offline", "--replay", "--no-progress"])
     assert (tmp_path / "cli/cases.jsonl").read_bytes() == first
-    with pytest.raises(SystemExit, match="error: replay mode: 20 of 20 .* model other"):
-        main(["--params", str(params), "dataset", "build-raw", "--offline", "--replay", "--model", "other"])
-    with pytest.raises(SystemExit, match="error: raw file .*not available offline.*DRIFTBENCH_DATA_MIRROR"):
-        main(["--params", str(params), "dataset", "build-raw", "--offline", "--downloads-only", "--dry-run"])
+    assert main(["--params", str(params), "dataset", "build-raw", "--offline", "--replay", "--model", "other"]) == 2
+    assert re.search("^error: replay mode: 20 of 20 .* model other", capsys.readouterr().err)
+    assert main(["--params", str(params), "dataset", "build-raw", "--offline", "--downloads-only", "--dry-run"]) == 2
+    assert re.search("^error: raw file .*not available offline.*DRIFTBENCH_DATA_MIRROR", capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------------------------- the DVC stages

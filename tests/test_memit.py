@@ -59,9 +59,11 @@ def test_memit_hparams_defaults_and_errors():
         MemitHparams.from_dict({})
     with pytest.raises(ValueError, match=r"unknown MEMIT hyper-parameter\(s\) \['layer'\]"):
         MemitHparams.from_dict({"layers": [1], "layer": 1})
-    for bad in ([], [1, 1], [-1], "3-8"):
+    for bad in ([], [1, 1], [-1]):
         with pytest.raises(ValueError, match="non-empty list of distinct layer indices"):
             MemitHparams.from_dict({"layers": bad})
+    with pytest.raises(ValueError, match="'layers' must be a list, got '3-8'"):
+        MemitHparams.from_dict({"layers": "3-8"})
 
 
 # --------------------------------------------------------------------------------------------- tiny models

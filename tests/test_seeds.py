@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from driftbench.errors import UserError
+
 from driftbench.params import Profile, cell_seed, check_profile_cells, parse_cell, seeded_cells
 from evaluators.aggregate import aggregate, parse_cell_id, seed_groups
 from leaderboard.synthetic import write_result_file
@@ -29,10 +31,10 @@ def test_profile_cells_must_match_seeds():
     ok = {"seeds": [0, 1, 2], "cells": ["none", "rome", "rome.s1", "rome.s2"]}
     check_profile_cells(Profile("p", ok))
     check_profile_cells(Profile("p", {"cells": ["none", "rome"]}))  # no seeds: nothing to check
-    with pytest.raises(SystemExit, match=r"expected \['none', 'rome', 'rome.s1', 'rome.s2'\]"):
+    with pytest.raises(UserError, match=r"expected \['none', 'rome', 'rome.s1', 'rome.s2'\]"):
         check_profile_cells(Profile("p", {**ok, "cells": ["none", "rome", "rome.s1"]}))
     for bad in ([1, 2], [0, 0], [], "3", [0, -1], [0, True]):
-        with pytest.raises(SystemExit, match="seeds must be a list of distinct non-negative integers"):
+        with pytest.raises(UserError, match="seeds must be a list of distinct non-negative integers"):
             check_profile_cells(Profile("p", {**ok, "seeds": bad}))
 
 
