@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from driftbench.io import dumps_line, sha256_file
+from driftbench.io import JsonInputError, dumps_line, loads_strict, sha256_file
 
 from .release import FIX_HINT, read_release
 from .schema import SOURCES, TARGETED_FAMILIES, Case, DatasetError
@@ -214,18 +214,17 @@ def load_cases(path: str | os.PathLike) -> list[Case]:
         raise DatasetError(f"{path} does not exist; run the dataset build stage first")
     cases: list[Case] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({exc.msg}); rebuild the dataset") from None
-            case = Case.from_json(d, where=f"{path}:{lineno}")
-            if case.case_id in seen:
-                raise DatasetError(f"{path}:{lineno}: case_id {case.case_id} already on line {seen[case.case_id]}; "
-                                   "rebuild the dataset")
-            seen[case.case_id] = lineno
-            cases.append(case)
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:  # UTF-8, no duplicate keys, no NaN/Infinity
+            d = loads_strict(line, f"{path}:{lineno}")
+        except JsonInputError as exc:
+            raise DatasetError(f"{exc}; rebuild the dataset") from None
+        case = Case.from_json(d, where=f"{path}:{lineno}")
+        if case.case_id in seen:
+            raise DatasetError(f"{path}:{lineno}: case_id {case.case_id} already on line {seen[case.case_id]}; "
+                               "rebuild the dataset")
+        seen[case.case_id] = lineno
+        cases.append(case)
     return cases
