@@ -41,7 +41,7 @@ from leaderboard import provenance as prov
 from leaderboard.chart import tradeoff_svg
 from leaderboard.paper import normalise_name, read_paper_csv
 from leaderboard.scores import load_result_file, per_case
-from leaderboard.submission import BundleError, find_bundles, validate_bundle
+from leaderboard.submission import BundleError, diff, find_bundles, validate_bundle
 
 HERE = Path(__file__).resolve().parent
 INDEX_METRICS: tuple[str, ...] = TABLE_METRICS + ("FL", "PPL")   # then Avg.S
@@ -282,34 +282,6 @@ VERIFY_REL, VERIFY_ABS = 1e-2, 1e-4  # continuous values (magnitudes, FL, PPL, d
 CONTINUOUS = frozenset(MAGNITUDES) | {"FL", "PPL", "drift", "drift_DNS", "drift_RS"}
 
 
-def _differences(ours: Any, theirs: Any, path: str, continuous: bool = False) -> Iterable[str]:
-    """Where a submission's value differs from the pipeline's: success counts, accuracies, CIs and every other
-    discrete value exactly (to float rounding); continuous values (CONTINUOUS subtrees) within VERIFY_REL/ABS."""
-    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
-        for k in sorted(set(ours) | set(theirs), key=str):
-            sub = f"{path}.{k}" if path else str(k)
-            if k not in ours or k not in theirs:
-                yield f"{sub} only in {'the pipeline' if k in ours else 'the bundle'}"
-            else:
-                yield from _differences(ours[k], theirs[k], sub, continuous or k in CONTINUOUS)
-    elif isinstance(ours, list) and isinstance(theirs, list):
-        if len(ours) != len(theirs):
-            yield f"{path} has {len(theirs)} values, the pipeline {len(ours)}"
-        else:
-            for i, (x, y) in enumerate(zip(ours, theirs)):
-                yield from _differences(x, y, f"{path}[{i}]", continuous)
-    elif (isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and not isinstance(ours, bool)
-          and not isinstance(theirs, bool)):
-        if continuous:
-            close = abs(ours - theirs) <= VERIFY_ABS + VERIFY_REL * max(abs(ours), abs(theirs))
-        else:
-            close = abs(ours - theirs) <= 1e-9 * max(abs(ours), abs(theirs)) + 1e-12
-        if not close:
-            yield f"{path} is {theirs!r}, the pipeline computed {ours!r}"
-    elif ours != theirs:
-        yield f"{path} is {json.dumps(theirs)[:60]}, the pipeline has {json.dumps(ours)[:60]}"
-
-
 def _by_case(pc: Mapping) -> dict[str, dict]:
     """per_case columns → {case_id: every value the drill-down shows for that case}."""
     out: dict[str, dict] = {}
@@ -320,6 +292,12 @@ def _by_case(pc: Mapping) -> dict[str, dict]:
                           for p, phs in pc["s"].items()},
                     "drift": {k: v[i] for k, v in pc["drift"].items()}}
     return out
+
+
+def _differences(ours: Any, theirs: Any, path: str) -> list[str]:
+    """Where a submission's value (``theirs``) differs from the pipeline's (`leaderboard.submission.diff`, where
+    "the rows" are the pipeline's): discrete values to float rounding, CONTINUOUS subtrees within VERIFY_REL/ABS."""
+    return list(diff(theirs, ours, path, loose=CONTINUOUS, loose_tol=(VERIFY_REL, VERIFY_ABS)))
 
 
 def verification(bundle, pipeline: tuple[Entry, set] | None) -> tuple[str | None, list[str]]:
@@ -344,7 +322,7 @@ def verification(bundle, pipeline: tuple[Entry, set] | None) -> tuple[str | None
             return None, [f"the pipeline has no {p!r} scores"]
         diffs += _differences(entry.scores[p], bundle.summary["post"][p], f"post.{p}")
         diffs += _differences(entry.page["pre"][p], bundle.summary["pre"][p], f"pre.{p}")
-    diffs += _differences(entry.drift, bundle.summary["drift"], "drift", True)
+    diffs += _differences({"drift": entry.drift}, {"drift": bundle.summary["drift"]}, "")
     ours_pc = _by_case(entry.page["per_case"])
     theirs_pc = _by_case(per_case(bundle.rows, m["protocol_ids"]))
     for cid, theirs in theirs_pc.items():

@@ -175,8 +175,11 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def diff(claimed: Any, computed: Any, path: str) -> Iterator[str]:
-    """Every place where ``claimed`` (from summary.json) differs from ``computed`` (from the rows)."""
+def diff(claimed: Any, computed: Any, path: str, loose: frozenset = frozenset(),
+         loose_tol: tuple[float, float] = (0.0, 0.0), _in_loose: bool = False) -> Iterator[str]:
+    """Every place where ``claimed`` (from summary.json) differs from ``computed`` (from the rows). Numbers agree to
+    float rounding (REL_TOL/ABS_TOL), except under a key in ``loose``, where they agree within ``loose_tol``
+    (relative, absolute); lists are compared element by element."""
     if isinstance(computed, Mapping):
         if not isinstance(claimed, Mapping):
             yield f"{path} should be an object"
@@ -188,9 +191,13 @@ def diff(claimed: Any, computed: Any, path: str) -> Iterator[str]:
             elif k not in computed:
                 yield f"{sub} is not a value computed from the rows"
             else:
-                yield from diff(claimed[k], computed[k], sub)
+                yield from diff(claimed[k], computed[k], sub, loose, loose_tol, _in_loose or k in loose)
+    elif isinstance(computed, list) and isinstance(claimed, list) and len(claimed) == len(computed):
+        for i, (a, b) in enumerate(zip(claimed, computed)):
+            yield from diff(a, b, f"{path}[{i}]", loose, loose_tol, _in_loose)
     elif _is_num(computed) and _is_num(claimed):
-        if not math.isclose(float(claimed), float(computed), rel_tol=REL_TOL, abs_tol=ABS_TOL):
+        rel, abs_ = loose_tol if _in_loose else (REL_TOL, ABS_TOL)
+        if not math.isclose(float(claimed), float(computed), rel_tol=rel, abs_tol=abs_):
             yield f"{path} is {claimed!r} but the rows give {computed!r}"
     elif claimed != computed or type(claimed) is bool and type(computed) is not bool:
         yield f"{path} is {json.dumps(claimed)[:80]} but the rows give {json.dumps(computed)[:80]}"
