@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from driftbench.io import atomic_write_bytes, dumps_line, sha256_file
+from basis.io import atomic_write_bytes, dumps_line, sha256_file
 
 from .dataset import CARD_JSON, CARD_MD, CASES_FILE, FAMILIES, PIQA_FILE, _family_counts, _write_all, load_cases
 from .judge import PROMPTS_ID, Judge, JudgeConfig, JudgmentCache, cache_key, render

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from driftbench.io import JsonInputError, dumps_line, loads_strict, sha256_file
+from basis.io import JsonInputError, dumps_line, loads_strict, sha256_file
 
 from .release import FIX_HINT, read_release
 from .schema import SOURCES, TARGETED_FAMILIES, Case, DatasetError

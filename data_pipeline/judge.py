@@ -14,7 +14,7 @@ Protocol, per prompt: one chat completion, ``[{"role": "user", "content": render
 surrounding punctuation and an "Answer:" lead-in ignored); anything else is **unparseable**, recorded verbatim
 and counted, never guessed.
 
-Cache (`JudgmentCache`): an append-only JSONL file (`driftbench.io.AppendLog`: one fsynced line per answer, torn
+Cache (`JudgmentCache`): an append-only JSONL file (`basis.io.AppendLog`: one fsynced line per answer, torn
 tail dropped on open), one row per key = sha256(canonical JSON of {model, prompt}). It stores the model, prompt
 text, raw answer, parsed label and token usage, never the API key. With every needed key cached, a run makes no
 request and needs neither network nor key, so a rerun is offline and byte-identical. ``mode="replay"`` refuses to
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from driftbench.errors import UserError
-from driftbench.io import AppendLog, dumps_line, parse_jsonl
+from basis.errors import UserError
+from basis.io import AppendLog, dumps_line, parse_jsonl
 
 from .schema import Case, Probe
 

@@ -155,7 +155,7 @@ def fetch(src: RawSource, mirror: Path | None, download_dir: Path, *, offline: b
     is also copied (verified, atomically) into the download folder, which a DVC stage can then track.
     """
     if materialize and mirror is not None and (Path(mirror) / src.relpath).is_file():
-        from driftbench.io import atomic_write_bytes
+        from basis.io import atomic_write_bytes
 
         path, digest = Path(mirror) / src.relpath, verify_file(Path(mirror) / src.relpath, src)
         local = Path(download_dir) / src.relpath

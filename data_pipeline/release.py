@@ -20,7 +20,7 @@ The source of a record is read from its content: CounterFact records have `p-par
 neither falls back to the index parity of §1.1 (even → wikidata, odd → counterfact).
 
 `case_id` is content-derived and stable: ``{cf|wd}-`` + the first 12 hex digits of the SHA-256 of the canonical JSON
-(`driftbench.io.dumps_line`: sorted keys, ``(',', ':')`` separators, UTF-8) of the whole `requested_rewrite` object.
+(`basis.io.dumps_line`: sorted keys, ``(',', ':')`` separators, UTF-8) of the whole `requested_rewrite` object.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from driftbench.io import dumps_line
+from basis.io import dumps_line
 
 from .schema import Case, DatasetError
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from driftbench.errors import UserError
+from basis.errors import UserError
 
 SOURCES = ("counterfact", "wikidata")
 TARGETED_FAMILIES = ("paraphrase", "subject_alias", "reasoning", "neighborhood", "relation")

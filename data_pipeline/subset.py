@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Iterable
 
-from driftbench.io import atomic_write_json
+from basis.io import atomic_write_json
 
 from .schema import Case, DatasetError
 

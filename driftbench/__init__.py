@@ -1,7 +1,5 @@
-"""driftbench: reproducible benchmark and leaderboard for knowledge editing (CLI and shared plumbing).
+"""driftbench: reproducible benchmark and leaderboard for knowledge editing — the command line (`driftbench.cli`).
 
-This package holds only the command line and dependency-free helpers (atomic IO, hashing, params).
-It must stay importable without torch: `leaderboard` and `data_pipeline` import from it.
-"""
+Nothing below imports this package: the shared plumbing (io, params, errors, cell ids) lives in `basis`."""
 
-__version__ = "0.1.0"
+from basis import __version__  # noqa: F401  (one home for the version: basis)

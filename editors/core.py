@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.schema import Case
-from driftbench.errors import UserError
+from editors.base import Artefact, Editor, HparamsError
 from model_layer.batching import right_pad
+from model_layer.hooks import capture, inject
 
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
@@ -138,10 +139,6 @@ class ExtraLoss(Protocol):
     def __call__(self, step: int, attentions: tuple[torch.Tensor, ...] | None, batch: Batch) -> torch.Tensor | None: ...
 
 
-class HparamsError(UserError, ValueError):
-    """Hyper-parameters an editor cannot run with (unknown name, wrong type, out of range for the model)."""
-
-
 POSITIVE = ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "sadr_steps", "stats_tokens", "stats_max_len",
             "mom2_update_weight")
 NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "early_stop_loss", "sadr_gamma", "template_seed")
@@ -242,9 +239,11 @@ class LocateHparams(VHparams):
         return [1] + [n for _, n in self.template_lengths]
 
 
-class LocateEditor:
-    """Caches shared by locate-then-edit editors: context templates per (model, settings) and C per layer."""
-    supports_sadr = True
+class LocateEditor(Editor):
+    """What locate-then-edit editors share: capabilities, hparams checks, second-moment artefacts, and caches of
+    context templates per (model, settings) and C per layer."""
+    capabilities = frozenset({"sadr", "sequential"})
+    undo = "weights"
     hparams_cls: ClassVar[type[LocateHparams]] = LocateHparams
 
     def check_hparams(self, model, hparams: dict[str, Any]) -> None:
@@ -259,6 +258,24 @@ class LocateEditor:
         bad = [x for x in hp.edit_layers() if x >= n]
         if bad:
             raise HparamsError(f"{hp.editor} hparams name layer(s) {bad} but the model has {n} layers (0-{n - 1})")
+
+    def sadr_settings(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        hp = self.hparams_cls.from_dict(hparams)
+        return {"gamma": hp.sadr_gamma, "hinge": hp.sadr_hinge}
+
+    def artefacts(self, model, tok, hparams: dict[str, Any]) -> list[Artefact]:
+        """The second-moment file of every edited layer (made by `driftbench stats`)."""
+        from model_layer.arch import arch_for
+
+        hp, arch = self.hparams_cls.from_dict(hparams), arch_for(model)
+        return [Artefact("second_moment", str(Path(hp.stats_dir) / self.stats_key(model, arch.layer("mlp_out", layer),
+                                                                                  hp)[0].filename()),
+                         "driftbench stats") for layer in hp.edit_layers()]
+
+    def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:
+        """Compute (or find) the second-moment statistics of every edited layer; returns what each file holds."""
+        hp = self.hparams_cls.from_dict(hparams)
+        return self.prepare_layers(model, tok, hp, hp.edit_layers(), progress)
 
     def __init__(self) -> None:
         self._templates: dict[tuple, list[str]] = {}
@@ -338,14 +355,9 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
     v_init: torch.Tensor | None = None
     rows = torch.arange(batch.input_ids.shape[0], device=dev)
 
-    def hook(_m, _inp, out):
+    def first(hs):  # the module's unchanged output at the subject's last token of the first row
         nonlocal v_init
-        hs = out[0] if isinstance(out, tuple) else out
-        if v_init is None:
-            v_init = hs[0, batch.subject_idx[0]].detach().float().clone()
-        hs = hs.clone()
-        hs[rows, batch.subject_idx] = hs[rows, batch.subject_idx] + delta.to(hs.dtype)
-        return (hs,) + tuple(out[1:]) if isinstance(out, tuple) else hs
+        v_init = hs[0, batch.subject_idx[0]].detach().float().clone()
 
     d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
     delta = torch.zeros(d_model, dtype=torch.float32, device=dev, requires_grad=True)
@@ -367,44 +379,43 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grad_flags:
         p.requires_grad_(False)
-    handle = module.register_forward_hook(hook)
     losses, step_s = [], []
     kl_init = None
     it = 0
     try:
-        for it in range(hp.v_num_grad_steps):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep_t,
-                        output_attentions=need_attn, use_cache=False)
-            logp = F.log_softmax(out.logits.float(), dim=-1)
-            nll = -logp[lab_rows, lab_cols, lab_ids].sum() / (n_t * batch.n_rewrite)
-            kl_logp = logp[kl_row, col[int(batch.subject_idx[kl_row])]].unsqueeze(0)
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-            wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
-            loss = nll + kl + wd
-            parts = {"nll": nll.item(), "kl": kl.item(), "wd": wd.item()}
-            for extra in extra_losses:
-                term = extra(it, out.attentions if need_attn else None, batch)
-                if term is not None:
-                    loss = loss + term
-                    parts[type(extra).__name__] = term.item()
-            parts["total"] = loss.item()
-            losses.append(parts)
-            if loss.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+        with inject(module, rows, batch.subject_idx, lambda: delta, on_first=first):
+            for it in range(hp.v_num_grad_steps):
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep_t,
+                            output_attentions=need_attn, use_cache=False)
+                logp = F.log_softmax(out.logits.float(), dim=-1)
+                nll = -logp[lab_rows, lab_cols, lab_ids].sum() / (n_t * batch.n_rewrite)
+                kl_logp = logp[kl_row, col[int(batch.subject_idx[kl_row])]].unsqueeze(0)
+                if kl_init is None:
+                    kl_init = kl_logp.detach().clone()
+                kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+                wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
+                loss = nll + kl + wd
+                parts = {"nll": nll.item(), "kl": kl.item(), "wd": wd.item()}
+                for extra in extra_losses:
+                    term = extra(it, out.attentions if need_attn else None, batch)
+                    if term is not None:
+                        loss = loss + term
+                        parts[type(extra).__name__] = term.item()
+                parts["total"] = loss.item()
+                losses.append(parts)
+                if loss.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                    step_s.append(time.perf_counter() - t0)
+                    break
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    max_norm = hp.clamp_norm_factor * v_init.norm()
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
                 step_s.append(time.perf_counter() - t0)
-                break
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                max_norm = hp.clamp_norm_factor * v_init.norm()
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-            step_s.append(time.perf_counter() - t0)
     finally:
-        handle.remove()
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         if need_attn and prev_impl != "eager":
@@ -415,20 +426,10 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
 @torch.no_grad()
 def module_io_at(model, module_name: str, rows: list[list[int]], idx: Sequence[int], pad_id: int):
     """Inputs and outputs of ``module_name`` at token ``idx[i]`` of row ``i`` → ([R, d_in], [R, d_out]) fp32."""
-    module = model.get_submodule(module_name)
-    cap: dict[str, torch.Tensor] = {}
-
-    def hook(_m, inp, out):  # a transformer block may get its hidden states as a keyword: no positional input
-        cap["in"] = inp[0].detach() if inp else None
-        cap["out"] = (out[0] if isinstance(out, tuple) else out).detach()
-
     dev = next(model.parameters()).device
     ids, mask = right_pad(rows, pad_id)
-    h = module.register_forward_hook(hook)
-    try:
+    with capture(model.get_submodule(module_name)) as cap:  # a block may get its input as a keyword: "in" None
         model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-    finally:
-        h.remove()
     r = torch.arange(len(rows), device=dev)
     i = torch.tensor(list(idx), device=dev)
     return (None if cap["in"] is None else cap["in"][r, i].float()), cap["out"][r, i].float()
@@ -459,8 +460,10 @@ def rank_one_update(weight: torch.nn.Parameter, u: torch.Tensor, v_star: torch.T
 
 
 def least_squares_update(c: torch.Tensor, k: torch.Tensor, resid: torch.Tensor, lam: float) -> torch.Tensor:
-    """MEMIT's ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ in float64 (spec §4.3): for one edit K = k [d_in], R = resid [d_out];
-    returns ΔW in nn.Linear layout [d_out, d_in], fp32."""
-    k64 = k.double().reshape(-1, 1)
+    """MEMIT's ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ in float64 (spec §4.3). One edit: ``k`` [d_in] and ``resid`` [d_out]; a batch
+    of n edits: ``k`` [n, d_in] and ``resid`` [n, d_out] (K and R hold them as columns). Returns ΔW in nn.Linear
+    layout [d_out, d_in], fp32."""
+    k64 = k.double().reshape(-1, 1) if k.dim() == 1 else k.double().T.contiguous()  # K [d_in, n]
     adj_k = torch.linalg.solve(lam * c.double() + k64 @ k64.T, k64)  # (λC + KKᵀ)⁻¹ K, symmetric system
-    return (resid.double().reshape(-1, 1) @ adj_k.T).float()
+    r64 = resid.double().reshape(-1, 1) if resid.dim() == 1 else resid.double().T.contiguous()  # R [d_out, n]
+    return (r64 @ adj_k.T).float()

@@ -21,10 +21,9 @@ from typing import Any, ClassVar
 import torch
 
 from data_pipeline.schema import Case
-from editors.base import EditHandle
+from editors.base import EditContext, EditHandle
 from editors.core import (HparamsError, LocateEditor, LocateHparams, build_batch, grouped_mean, least_squares_update,
                           make_request, module_io_at, optimise_target, subject_rows)
-from editors.sadr import SADRLoss
 from model_layer.arch import arch_for
 
 
@@ -60,16 +59,14 @@ class MemitHparams(LocateHparams):
 class Memit(LocateEditor):
     hparams_cls = MemitHparams
     name = "memit"
+    capabilities = frozenset({"sadr", "sequential", "batch"})
 
-    def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:
-        hp = MemitHparams.from_dict(hparams)
-        return self.prepare_layers(model, tok, hp, hp.layers, progress)
-
-    def edit(self, model, tok, case: Case, hparams: dict[str, Any]) -> EditHandle:
+    def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx: EditContext) -> EditHandle:
+        """Edit ``cases`` with one update per layer: a batch of n cases stacks their keys K [d_in, n] and residuals
+        R [d_out, n] (MEMIT's mass edit); one case is the batch of one."""
         import time
 
         hp = MemitHparams.from_dict(hparams)
-        sadr = bool(hparams.get("sadr"))
         arch = arch_for(model)
         n_layers = arch.n_layers(model.config)
         if hp.layer >= n_layers:
@@ -82,41 +79,56 @@ class Memit(LocateEditor):
         t["stats"] = time.perf_counter()
         templates = self.templates(model, tok, hp)
         t["templates"] = time.perf_counter()
-        req = make_request(case)
-        batch = build_batch(tok, req, templates, dev)
-        extras = [SADRLoss(hp.sadr_gamma, hinge=hp.sadr_hinge, first_layer=hp.layer + 1)] if sadr else []
-        vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if sadr else hp
         z_block = arch.layer("block", hp.layer)
-        res = optimise_target(model, batch, z_block, vhp, extras)  # z* = z_init + δ at the last edit layer
+        reqs, results, extras_all = [], [], []
+        for case in cases:  # z* = z_init + δ at the last edit layer, every case on the model before this update
+            req = make_request(case)
+            extras = ctx.extra_losses(first_layer=hp.layer + 1)  # SADR's term on a +sadr cell
+            vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if extras else hp
+            results.append(optimise_target(model, build_batch(tok, req, templates, dev), z_block, vhp, extras))
+            reqs.append(req)
+            extras_all.append(extras)
         t["optimise"] = time.perf_counter()
 
-        rows, s_idx = subject_rows(tok, req, templates)
+        rows = [subject_rows(tok, req, templates) for req in reqs]
         handle = EditHandle()
         update_norms = []
         for i, layer in enumerate(hp.layers):
             mlp_out = arch.layer("mlp_out", layer)
-            keys, _ = module_io_at(model, mlp_out, rows, s_idx, pad)
-            k = grouped_mean(keys, hp.template_groups())
-            _, cur_z = module_io_at(model, z_block, rows[:1], s_idx[:1], pad)
-            resid = (res.v_star - cur_z[0]) / (len(hp.layers) - i)
+            ks, resids = [], []
+            for (r, s_idx), res in zip(rows, results):
+                keys, _ = module_io_at(model, mlp_out, r, s_idx, pad)
+                ks.append(grouped_mean(keys, hp.template_groups()))
+                _, cur_z = module_io_at(model, z_block, r[:1], s_idx[:1], pad)
+                resids.append((res.v_star - cur_z[0]) / (len(hp.layers) - i))
+            k, resid = (ks[0], resids[0]) if len(cases) == 1 else (torch.stack(ks), torch.stack(resids))
             dw = least_squares_update(covs[layer], k, resid, hp.mom2_update_weight)
             weight = model.get_submodule(mlp_out).weight
             handle.save(f"{mlp_out}.weight", weight)
             with torch.no_grad():
                 weight.add_(dw.to(weight.dtype))
             update_norms.append(float(dw.norm()))
-        _, z_final = module_io_at(model, z_block, rows[:1], s_idx[:1], pad)
         t["update"] = time.perf_counter()
-        gap0, gap1 = float((res.v_star - res.v_init).norm()), float((res.v_star - z_final[0]).norm())
-        handle.diagnostics = {
-            "layers": list(hp.layers), "steps": res.steps, "final_loss": res.losses[-1], "delta_norm": gap0,
-            "z_init_norm": float(res.v_init.norm()), "update_norms": update_norms,
+        reached = []
+        for (r, s_idx), res in zip(rows, results):
+            _, z_final = module_io_at(model, z_block, r[:1], s_idx[:1], pad)
+            gap0, gap1 = float((res.v_star - res.v_init).norm()), float((res.v_star - z_final[0]).norm())
             # how much of z* − z_init the spread over the layers achieved at the last edit layer (1 = all of it)
-            "z_reached": (1.0 - gap1 / gap0) if gap0 > 0 else 1.0,
+            reached.append((gap0, (1.0 - gap1 / gap0) if gap0 > 0 else 1.0))
+        res, extras = results[0], extras_all[0]
+        handle.diagnostics = {
+            "layers": list(hp.layers), "steps": res.steps, "final_loss": res.losses[-1], "delta_norm": reached[0][0],
+            "z_init_norm": float(res.v_init.norm()), "update_norms": update_norms, "z_reached": reached[0][1],
         }
+        if len(cases) > 1:  # per case, in the order of ``cases``
+            handle.diagnostics.update(batch_size=len(cases), steps=[x.steps for x in results],
+                                      final_loss=[x.losses[-1] for x in results], delta_norm=[g for g, _ in reached],
+                                      z_init_norm=[float(x.v_init.norm()) for x in results],
+                                      z_reached=[z for _, z in reached])
         handle.timings = {"stats_s": t["stats"] - t["start"], "templates_s": t["templates"] - t["stats"],
                           "optimise_s": t["optimise"] - t["templates"], "update_s": t["update"] - t["optimise"],
-                          "step_s": res.step_seconds}
+                          "step_s": [x for r in results for x in r.step_seconds]}
         if extras:
-            handle.diagnostics["sadr_selected_heads"] = extras[0].selected
+            handle.diagnostics["sadr_selected_heads"] = (extras[0].selected if len(cases) == 1
+                                                         else [e[0].selected for e in extras_all])
         return handle

@@ -17,10 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from data_pipeline.schema import Case
-from editors.base import EditHandle
+from editors.base import EditContext, EditHandle
 from editors.core import (LocateEditor, LocateHparams, build_batch, make_request, module_io_at, optimise_target,
                           rank_one_direction, rank_one_update, subject_rows)
-from editors.sadr import SADRLoss
 from model_layer.arch import arch_for
 
 
@@ -38,16 +37,11 @@ class Rome(LocateEditor):
     name = "rome"
     hparams_cls = RomeHparams
 
-    def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:
-        """Compute (or find) the second-moment statistics of the edited layer; returns what was prepared."""
-        hp = RomeHparams.from_dict(hparams)
-        return self.prepare_layers(model, tok, hp, [hp.layer], progress)
-
-    def edit(self, model, tok, case: Case, hparams: dict[str, Any]) -> EditHandle:
+    def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx: EditContext) -> EditHandle:
         import time
 
+        (case,) = cases
         hp = RomeHparams.from_dict(hparams)
-        sadr = bool(hparams.get("sadr"))
         arch = arch_for(model)
         mlp_out = arch.layer("mlp_out", hp.layer)
         dev = next(model.parameters()).device
@@ -63,8 +57,8 @@ class Rome(LocateEditor):
         keys, _ = module_io_at(model, mlp_out, rows, s_idx, pad)
         u = rank_one_direction(c, keys.mean(0))
         batch = build_batch(tok, req, templates, dev)
-        extras = [SADRLoss(hp.sadr_gamma, hinge=hp.sadr_hinge, first_layer=hp.layer + 1)] if sadr else []
-        vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if sadr else hp  # a RomeHparams is a VHparams
+        extras = ctx.extra_losses(first_layer=hp.layer + 1)  # SADR's term on a +sadr cell (δ enters above `layer`)
+        vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if extras else hp  # a RomeHparams is a VHparams
         t["keys"] = time.perf_counter()
         res = optimise_target(model, batch, arch.layer("mlp", hp.layer), vhp, extras)
         t["optimise"] = time.perf_counter()

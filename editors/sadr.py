@@ -17,6 +17,8 @@ Deviation: the KL is computed in fp32 even when the model runs in bf16 (the refe
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from editors.core import Batch
@@ -45,18 +47,27 @@ def sadr_kl(p: torch.Tensor, q: torch.Tensor, subject_idx: torch.Tensor, hinge: 
 
 
 class SADRLoss:
-    """γ·L_SADR as an `ExtraLoss` for `editors.core.optimise_target`."""
+    """γ·L_SADR as an `ExtraLoss` of any optimisation loop. Built by the framework (`EditContext.extra_losses`),
+    never by an editor. The reference P is the unedited model's attention on the loop's batch: the step-0 forward
+    when the loop starts from the unedited model (δ = 0, weights untouched), else ``reference(batch)`` (the model
+    with every earlier edit of a sequential stream reverted)."""
     needs_attentions = True
 
-    def __init__(self, gamma: float, hinge: bool = True, first_layer: int = 0, eps: float = 1e-8):
+    def __init__(self, gamma: float, hinge: bool = True, first_layer: int = 0, eps: float = 1e-8,
+                 reference: Callable[[Batch], tuple] | None = None):
         self.gamma, self.hinge, self.first_layer, self.eps = gamma, hinge, first_layer, eps
+        self.reference = reference
         self.vanilla: torch.Tensor | None = None
         self.selected: list[int] = []  # number of selected (layer, prompt, head) triples per step
 
     def __call__(self, step: int, attentions, batch: Batch) -> torch.Tensor | None:
         rows = query_rows(attentions, batch, self.first_layer)
-        if step == 0 or self.vanilla is None:
-            self.vanilla = rows.detach()
+        if self.vanilla is None:
+            if self.reference is None:
+                self.vanilla = rows.detach()
+            else:
+                self.vanilla = query_rows(self.reference(batch), batch, self.first_layer).detach()
+        if step == 0:
             return None
         loss, mask = sadr_kl(self.vanilla, rows, batch.subject_idx, self.hinge, self.eps)
         self.selected.append(int(mask.sum()))

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from model_layer.batching import right_pad
-from driftbench.io import atomic_write_bytes, dumps_line, sha256_file, sha256_text
+from model_layer.hooks import StopForward, run_until
+from basis.io import atomic_write_bytes, dumps_line, sha256_file, sha256_text
 
 SPLITS = ("windows", "truncate")
 # A top-level heading line in WikiText raw: "\n = Title = \n" (sub-headings are " = = Sub = = ").
@@ -129,33 +130,24 @@ def second_moment(model, tok, module_name: str, texts, max_tokens: int, max_len:
     count = 0
     captured: list[torch.Tensor] = []
 
-    def hook(_m, inp):
-        captured.append(inp[0].detach())
-        raise _StopForward  # the layers above the edited one are not needed: skip them
-
-    handle = module.register_forward_pre_hook(hook)
     bar = tqdm(total=max_tokens, desc=f"stats {module_name}", unit="tok", disable=not progress)
-    try:
-        batch: list[list[int]] = []
-        for ids in token_inputs(tok, texts, max_len, split):
-            batch.append(ids)
-            if sum(map(len, batch)) >= batch_tokens or count + sum(map(len, batch)) >= max_tokens:
+    with run_until(module, captured):  # the layers above the edited one are not needed: skip them
+        try:
+            batch: list[list[int]] = []
+            for ids in token_inputs(tok, texts, max_len, split):
+                batch.append(ids)
+                if sum(map(len, batch)) >= batch_tokens or count + sum(map(len, batch)) >= max_tokens:
+                    count = _accumulate(model, batch, acc, captured, count, max_tokens, tok.pad_token_id, bar)
+                    batch = []
+                if count >= max_tokens:
+                    break
+            if batch and count < max_tokens:
                 count = _accumulate(model, batch, acc, captured, count, max_tokens, tok.pad_token_id, bar)
-                batch = []
-            if count >= max_tokens:
-                break
-        if batch and count < max_tokens:
-            count = _accumulate(model, batch, acc, captured, count, max_tokens, tok.pad_token_id, bar)
-    finally:
-        handle.remove()
-        bar.close()
+        finally:
+            bar.close()
     if count == 0:
         raise StatsError(f"no tokens collected for second-moment statistics of {module_name}")
     return Moments(acc / count, count, max_tokens, exhausted=count < max_tokens)
-
-
-class _StopForward(Exception):
-    pass
 
 
 def _accumulate(model, batch, acc, captured, count, max_tokens, pad_id, bar) -> int:
@@ -164,7 +156,7 @@ def _accumulate(model, batch, acc, captured, count, max_tokens, pad_id, bar) -> 
     dev = next(model.parameters()).device
     try:
         model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     k = captured[0].float().cpu()[mask.bool()]  # [n_real_tokens, d]
     k = k[: max_tokens - count]

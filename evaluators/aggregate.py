@@ -29,17 +29,15 @@ the interval is undefined (one prompt) and Avg.S, "–" when there are no prompt
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from driftbench.errors import UserError
-from driftbench.io import atomic_write_json, atomic_write_text, read_jsonl
+from basis.cells import parse_cell_id as _parse_cell_id
+from basis.errors import UserError
+from basis.io import atomic_write_json, atomic_write_text, read_jsonl
 from evaluators.metrics import AVG_S_METRICS, MAGNITUDES, drift_summary, get_protocol, score_cell_protocols
 
 PRE_LABEL = "pre (unedited)"
-SADR_SUFFIX = "+sadr"
-SEED_RE = re.compile(r"\.s(\d+)$")  # "rome+sadr.s2": the same cell with context-template seed 2
 MISSING = "–"  # en dash
 # table columns (paper metric names); SAS and DRS are in summary.json but not in the tables, like the paper
 TABLE_METRICS: tuple[str, ...] = ("ES", "PS", "NS", "RS", "DNS", "RES", "OS", "DOS")
@@ -51,20 +49,16 @@ class ResultFileError(UserError, ValueError):
 
 
 def parse_cell_id(cell: str) -> dict:
-    """``"<profile>/<model>/<editor>[+sadr][.s<seed>]"`` → parts; the model part may itself contain "/" (hub ids
-    like org/name). ``config`` is the editor part without the seed suffix; ``seed`` is None without one."""
-    parts = cell.split("/") if isinstance(cell, str) else []
-    if len(parts) < 3 or not all(parts):
-        raise ResultFileError(f"cell id {cell!r} is not of the form '<profile>/<model>/<editor>'")
-    profile, model, editor = parts[0], "/".join(parts[1:-1]), parts[-1]
-    m = SEED_RE.search(editor)
-    config = editor[: m.start()] if m else editor
-    sadr = config.endswith(SADR_SUFFIX)
-    base = config[: -len(SADR_SUFFIX)] if sadr else config
-    if not base:
-        raise ResultFileError(f"cell id {cell!r} has an empty editor name")
-    return {"profile": profile, "model": model, "editor": editor, "base_editor": base, "sadr": sadr,
-            "config": config, "seed": int(m.group(1)) if m else None}
+    """``"<profile>/<model>/<cell name>"`` (grammar: basis.cells) → the parts a summary entry carries. ``config`` is
+    the name without the seed suffix; ``seed`` is None without one; ``mode`` (e.g. "seq16-final") only for cells
+    that are not edited one case at a time."""
+    cid = _parse_cell_id(cell, ResultFileError)
+    n = cid.name
+    info = {"profile": cid.profile, "model": cid.model, "editor": str(n), "base_editor": n.editor, "sadr": n.sadr,
+            "config": n.config, "seed": n.seed}
+    if n.mode.protocol_tag:
+        info["mode"] = n.mode.protocol_tag
+    return info
 
 
 def load_cell(path: str | Path) -> tuple[str, list[dict]]:
@@ -121,6 +115,9 @@ class SummaryBuilder:
         entry = dict(info, n_cases=len(rows), source=path.name)
         try:
             entry.update(score_cell_protocols(rows, "post", self.protos))
+            if "mode" in info:  # the editing regime and evaluation timing are part of the protocol id
+                for p in self.protos:
+                    entry[p.id] = dict(entry[p.id], protocol=f"{p.id}+{info['mode']}")
             entry["drift"] = drift_summary(rows)
         except ValueError as exc:  # a malformed number or pair, named by evaluators.metrics
             raise ResultFileError(f"{path}: {exc}") from None

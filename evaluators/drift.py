@@ -23,18 +23,21 @@ def drift_prompts(case: Case) -> dict[str, tuple[list[str], list[int]]]:
 
 
 class DriftProbe:
-    """Capture attention before the edit (``before``) and after it (``after``) → per-key drift lists."""
+    """Attention before the edit (``before(case)`` on the unedited model → a state) and after it
+    (``after(state)``) → per-key drift lists. A stream takes every ``before`` ahead of its first edit, so drift is
+    always measured against the unedited model."""
 
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
 
-    def before(self, case: Case):
-        self._prompts = drift_prompts(case)
-        self._pre = {k: last_token_attention(self.model, self.tok, t, e) for k, (t, e) in self._prompts.items() if t}
+    def before(self, case: Case) -> tuple[dict, dict]:
+        prompts = drift_prompts(case)
+        return prompts, {k: last_token_attention(self.model, self.tok, t, e) for k, (t, e) in prompts.items() if t}
 
-    def after(self) -> dict[str, list[float]]:
+    def after(self, state: tuple[dict, dict]) -> dict[str, list[float]]:
+        prompts, pre = state
         out = {}
-        for k, pre in self._pre.items():
-            t, e = self._prompts[k]
-            out[k] = [round(x, 6) for x in drift(pre, last_token_attention(self.model, self.tok, t, e))]
+        for k, att in pre.items():
+            t, e = prompts[k]
+            out[k] = [round(x, 6) for x in drift(att, last_token_attention(self.model, self.tok, t, e))]
         return out

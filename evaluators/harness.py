@@ -1,17 +1,18 @@
-"""The per-cell harness: pre-edit scoring per model, and edit → score → restore per cell (reference-spec §2.1).
+"""The per-cell harness: pre-edit scoring per model, and edit → score → restore per unit of a cell
+(reference-spec §2.1), run by `evaluators.runner` (plan → units → execute → store → merge).
 
 Reliability contract (design.md §6):
-- one JSON line per case, appended and fsynced (`driftbench.io.AppendLog`); a torn last line from ``kill -9``
-  is dropped on the next start, so nothing is lost or duplicated;
-- resume skips case ids already done *with the same fingerprint* (model, dataset content id, editor, SADR flag,
-  hparams, and the sha256 of the source code that computes the rows, `code_identity`), looked up in the output's
-  journal (``.journal/<name>``: every row ever computed for it, any fingerprint; never truncated except a torn
-  last line), so a code change can never leave stale rows in the output and never deletes a finished row;
-- the output is written once, atomically, when all cases are done, in subset order, so it is byte-identical
-  whatever the history of interruptions, and a failed run (bad hparams, a bug) leaves it exactly as it was;
-- one process per output (a lock beside the journal). Timings (which vary run to run) go to a sidecar
-  ``*.timings.jsonl`` so the results file itself stays reproducible; each timing row is appended after its result
-  row, so a kill between the two can lose that one timing row (best-effort), never a result row.
+- every row carries the cell's fingerprint: model weights, dataset content id, cell id (editor, SADR, mode, seed),
+  hyper-parameters (paths replaced by the content hashes of what they point to), the editor's artefacts' sha256,
+  the environment (full installed set), batch size, the ME-PPL corpus' sha256, and `code_identity` of exactly the
+  source a cell runs (scoring + the shared editor core + the editor's own files, the same files its DVC stage
+  depends on), so adding an editor changes no other cell's fingerprint;
+- each unit's rows go atomically to their own part file and the output is merged once, in subset order, so it is
+  byte-identical whatever the history of interruptions or sharding, and a failed run (bad hparams, a bug, kill -9)
+  leaves the finished output exactly as it was; everything checkable is checked before any output is touched;
+- after every unit the model's parameters, module tree and editor state are compared with before: always for
+  streams and batches, per case with ``verify_restore``;
+- timings (which vary run to run) go to a sidecar ``*.timings.jsonl`` so the results file itself stays reproducible.
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from basis.cells import SINGLE, CellName, Mode
+from basis.errors import UserError
+from basis.io import dumps_line, read_jsonl, sha256_file, sha256_text
 from data_pipeline.schema import Case
-from driftbench.errors import UserError
-from driftbench.io import AppendLog, OutputLock, atomic_write_jsonl, dumps_line, read_jsonl, sha256_text
+from evaluators import runner
 
 
 @dataclass
@@ -35,11 +38,15 @@ class CellSpec:
     sadr: bool = False
     hparams: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None  # context-template seed named in the cell id (".s<seed>"); hparams carry template_seed
+    mode: Mode = Mode()
+
+    @property
+    def name(self) -> CellName:
+        return CellName(self.editor, self.sadr, self.mode, self.seed)
 
     @property
     def cell_id(self) -> str:
-        seed = "" if self.seed is None else f".s{self.seed}"
-        return f"{self.profile}/{self.model_name}/{self.editor}{'+sadr' if self.sadr else ''}{seed}"
+        return f"{self.profile}/{self.model_name}/{self.name}"
 
 
 def installed_packages() -> str:
@@ -73,97 +80,69 @@ def environment(model) -> dict[str, Any]:
 ROOT = Path(__file__).resolve().parents[1]
 # the source that determines a result row (the same paths are the DVC dependencies of the pre_eval/cell stages)
 SCORING_CODE = ("evaluators/probes.py", "evaluators/scoring.py", "evaluators/generation.py", "evaluators/harness.py",
-                "model_layer")
-EDIT_CODE = SCORING_CODE + ("evaluators/drift.py", "editors")
+                "evaluators/runner.py", "model_layer")
+# what every editor cell runs besides its editor's own files (`Editor.code_files`)
+EDITOR_CORE = ("evaluators/drift.py", "editors/__init__.py", "editors/base.py", "editors/core.py", "editors/sadr.py",
+               "editors/stats.py")
+CELL_CODE = SCORING_CODE + EDITOR_CORE
 
 
-def code_identity(paths: tuple[str, ...], extra: tuple[Any, ...] = ()) -> str:
-    """sha256 over the ``*.py`` files under ``paths`` (relative to the repository root) and of the modules that
-    define the objects in ``extra`` (e.g. a plugin editor living outside this repository)."""
-    import hashlib
-    import inspect
-
+def code_files(paths: tuple[str, ...], extra: tuple[str | Path, ...] = ()) -> list[Path]:
+    """The ``*.py`` files under ``paths`` (relative to the repository root) plus the files ``extra``."""
     files: set[Path] = set()
     for rel in paths:
         p = ROOT / rel
         files.update(p.rglob("*.py") if p.is_dir() else [p])
-    for obj in extra:
-        src = inspect.getsourcefile(obj if inspect.isclass(obj) or inspect.ismodule(obj) else type(obj))
-        if src:
-            files.add(Path(src).resolve())
+    files.update(Path(f).resolve() for f in extra)
+    return sorted(files)
+
+
+def code_identity(paths: tuple[str, ...], extra: tuple[str | Path, ...] = ()) -> str:
+    """sha256 over the files of `code_files` (path relative to the repository root, or the bare name of a file
+    outside it such as a plugin editor's module, and content)."""
+    import hashlib
+
     h = hashlib.sha256()
-    for f in sorted(files):
+    for f in code_files(paths, extra):
         rel = f.relative_to(ROOT).as_posix() if f.is_relative_to(ROOT) else f.name
         h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def cell_code_files(editor) -> list[Path]:
+    """Exactly the source a cell of ``editor`` runs (what its fingerprint and its DVC stage depend on)."""
+    return code_files(CELL_CODE, tuple(editor.code_files()))
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
     return sha256_text(dumps_line(parts))[:16]
 
 
-def journal_path(out_path: Path) -> Path:
-    """Default journal of an output: ``<folder>/.journal/<name>`` (ignored by git and DVC)."""
-    return out_path.parent / ".journal" / out_path.name
+def parts_root(out_path: Path) -> Path:
+    """Where an output's part files live: ``<folder>/.parts/<name>`` (ignored by git and DVC)."""
+    out_path = Path(out_path)
+    return out_path.parent / ".parts" / out_path.stem
 
 
-def _resumable_loop(out_path: Path, cases: list[Case], fp: str, compute: Callable[[Case], tuple[dict, dict]],
-                    desc: str, progress: bool = True, journal: Path | None = None) -> list[dict]:
-    """Run ``compute(case) -> (row, timings)`` for every case not yet done; returns all rows in case order.
+PATH_HPARAMS = ("stats_corpus", "stats_dir")
 
-    Every computed row is appended to the output's *journal* (an `AppendLog` of every row ever computed for it,
-    of any fingerprint) before anything else happens; the output itself is written once, atomically, when every
-    case is done. So a run that fails (bad input, a bug, ``kill -9``) leaves the finished output exactly as it was,
-    rows of an earlier configuration are kept in the journal when the output moves on (and reused if that
-    configuration comes back), and a smoke run that shares the journal never deletes anything. One process at a
-    time: a second one on the same output gets an "already running (pid N)" error."""
-    from tqdm.auto import tqdm
 
-    journal = journal or journal_path(out_path)
-    with OutputLock(journal.with_name(journal.name + ".lock"), str(out_path)):
-        finished = list(read_jsonl(out_path)) if out_path.is_file() else []
-        log = AppendLog(journal)
-        try:
-            banked = {(r.get("fingerprint"), r.get("case_id")) for r in log.rows if isinstance(r, dict)}
-            for r in finished:  # rows of the output the journal lacks (written before journals existed, or by DVC)
-                if (r.get("fingerprint"), r.get("case_id")) not in banked:
-                    log.append(r)
-            wanted = {c.case_id for c in cases}
-            done: dict[str, dict] = {}
-            for r in log.rows:
-                if isinstance(r, dict) and r.get("fingerprint") == fp and r.get("case_id") in wanted:
-                    done.setdefault(r["case_id"], r)
-            todo = [c for c in cases if c.case_id not in done]
-            timings = AppendLog(out_path.with_name(out_path.stem + ".timings.jsonl")) if todo else None
-            bar = tqdm(total=len(cases), initial=len(done), desc=desc, unit="case", disable=not progress,
-                       dynamic_ncols=True, smoothing=0.1)
-            try:
-                for case in todo:
-                    row, tim = compute(case)
-                    row["fingerprint"] = fp
-                    log.append(row)
-                    done[case.case_id] = row
-                    timings.append({"case_id": case.case_id, "fingerprint": fp, **tim})
-                    bar.update(1)
-            finally:
-                bar.close()
-                if timings is not None:
-                    timings.close()
-        finally:
-            log.close()
-        rows = [done[c.case_id] for c in cases]
-        if len(rows) != len(cases) or any(r["case_id"] != c.case_id for r, c in zip(rows, cases)):
-            raise RuntimeError(f"{out_path}: {len(rows)} rows for {len(cases)} cases")  # cannot happen: a bug
-        if finished != rows:
-            atomic_write_jsonl(out_path, rows)
-        return rows
+def portable_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters as they enter a fingerprint: a corpus file by its sha256 (not the mirror's absolute path),
+    folders of artefacts left out (the artefacts' own sha256 are in the fingerprint)."""
+    out = {k: v for k, v in hparams.items() if k not in PATH_HPARAMS}
+    corpus = hparams.get("stats_corpus")
+    if isinstance(corpus, str):
+        out["stats_corpus"] = corpus if corpus.startswith("hub:") or not Path(corpus).is_file() else \
+            "sha256:" + sha256_file(corpus)
+    return out
 
 
 def _ppl_texts(ppl_corpus: str | Path | None) -> tuple[list[str] | None, str | None]:
     """The ME-PPL texts and their file's sha256 (part of the fingerprint); (None, None) disables FL and ME-PPL."""
     if ppl_corpus is None:
         return None, None
-    from driftbench.io import sha256_file
+    from basis.io import sha256_file
     from evaluators.generation import load_corpus
 
     return load_corpus(ppl_corpus), sha256_file(ppl_corpus)
@@ -171,8 +150,10 @@ def _ppl_texts(ppl_corpus: str | Path | None) -> tuple[list[str] | None, str | N
 
 def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out_path: Path,
             batch_size: int = 32, progress: bool = True, model_id: str | None = None,
-            ppl_corpus: str | Path | None = None, journal: Path | None = None) -> list[dict]:
-    """Score every case on the unedited model once; every cell of this model reuses these rows.
+            ppl_corpus: str | Path | None = None, parts: Path | None = None,
+            shard: tuple[int, int] = (0, 1)) -> list[dict] | None:
+    """Score every case on the unedited model once; every cell of this model reuses these rows. Returns the rows,
+    or None while other shards' units are missing.
 
     ``model_id`` identifies the weights (e.g. GGUF sha256 or hub id@revision) so that pointing the same model name
     at other weights never reuses old rows on resume."""
@@ -185,70 +166,148 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
     fp = fingerprint({"stage": "pre", "model": model_name, "model_id": model_id or model_name, "dataset": content_id,
                       "env": env, "batch_size": batch_size, "code": code_identity(SCORING_CODE),
                       "ppl_corpus": corpus_sha})
+    by_id = {c.case_id: c for c in cases}
 
-    def compute(case: Case):
+    def compute(unit: runner.Unit):
+        (case,) = [by_id[c] for c in unit.case_ids]
         t0 = time.perf_counter()
         scores = scorer.score_case(case)
-        return ({"case_id": case.case_id, "source": case.source, "model": model_name, "scores": scores, "env": env},
-                {"score_s": time.perf_counter() - t0})
+        return ([{"case_id": case.case_id, "source": case.source, "model": model_name, "scores": scores, "env": env}],
+                [{"score_s": time.perf_counter() - t0}])
 
-    return _resumable_loop(Path(out_path), cases, fp, compute, desc=f"pre-edit {model_name}", progress=progress,
-                           journal=journal)
+    plan = runner.make_plan(fp, list(by_id))
+    return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, shard, progress,
+                      desc=f"pre-edit {model_name}")["rows"]
 
 
-def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre_path: Path, out_path: Path,
-             batch_size: int = 32, verify_restore: bool = False, progress: bool = True,
-             model_id: str | None = None, ppl_corpus: str | Path | None = None,
-             journal: Path | None = None) -> list[dict]:
-    """Edit → score → restore for each case of one cell (model × editor × ±SADR); ``model_id`` and ``journal`` as
-    in `run_pre`. Everything is checked (pre-edit rows, editor, SADR support, hyper-parameters against the model)
-    before any output is touched."""
-    from editors.base import get_editor
-    from evaluators.drift import DriftProbe
-    from evaluators.scoring import ProbeScorer
-    from model_layer.checksum import param_checksum
-
+def _pre_rows(pre_path: Path, cases: list[Case]) -> dict[str, dict]:
     if not Path(pre_path).is_file():
         raise UserError(f"{pre_path} not found: run the pre-edit stage first (`driftbench evaluate pre`)")
-    pre = {r["case_id"]: r["scores"] for r in read_jsonl(pre_path)}
+    pre = {r["case_id"]: r for r in read_jsonl(pre_path)}
     missing = [c.case_id for c in cases if c.case_id not in pre]
     if missing:
         raise UserError(f"{pre_path} lacks pre-edit scores for {len(missing)} case(s), e.g. {missing[0]}: "
                         "run the pre-edit stage first (`driftbench evaluate pre`)")
-    editor = get_editor(spec.editor)
-    if spec.sadr and not getattr(editor, "supports_sadr", False):
+    return pre
+
+
+def run_none(spec: CellSpec, cases: list[Case], pre_path: Path, out_path: Path, progress: bool = True,
+             parts: Path | None = None) -> list[dict] | None:
+    """The unedited baseline from the pre-edit rows (no edit, so nothing to score again): post = pre, with the
+    row schema of every cell. tests/test_harness.py keeps a scored run of `none` to check that they agree."""
+    from editors.base import get_editor
+
+    pre = _pre_rows(pre_path, cases)
+    fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "pre": sorted({str(pre[c.case_id].get("fingerprint")) for c in cases}),
+                      "code": code_identity(CELL_CODE, tuple(get_editor("none").code_files()))})
+
+    def compute(unit: runner.Unit):
+        rows = []
+        for cid in unit.case_ids:
+            r = pre[cid]
+            rows.append({"cell": spec.cell_id, "case_id": cid, "source": r["source"], "pre": r["scores"],
+                         "post": r["scores"], "editor": {"name": "none", "sadr": False, "diagnostics": {}},
+                         "env": r["env"]})
+        return rows, [{} for _ in rows]
+
+    plan = runner.make_plan(fp, [c.case_id for c in cases])
+    return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, progress=progress,
+                      desc=spec.cell_id)["rows"]
+
+
+def prepare_cell(model, tok, spec: CellSpec, editor=None):
+    """Check everything about a cell that can be checked before any output is touched: the editor exists and can run
+    this cell (SADR, sequential, batch), its hyper-parameters fit the model, its artefacts exist."""
+    from editors.base import get_editor
+
+    editor = editor or get_editor(spec.editor)
+    caps = editor.capabilities
+    if spec.sadr and "sadr" not in caps:
         raise UserError(f"editor {spec.editor!r} does not support SADR: drop '+sadr' from the cell name")
-    hparams = dict(spec.hparams, sadr=spec.sadr)
-    if hasattr(editor, "check_hparams"):
-        editor.check_hparams(model, hparams)
+    if spec.mode.kind == "seq" and "sequential" not in caps:
+        raise UserError(f"editor {spec.editor!r} cannot edit sequentially (no 'sequential' capability): drop "
+                        f"'.{spec.mode.suffix}' from the cell name")
+    if spec.mode.kind == "batch" and "batch" not in caps:
+        raise UserError(f"editor {spec.editor!r} cannot edit a batch of cases at once (no 'batch' capability): use "
+                        f"'.seq{spec.mode.size}' instead of '.{spec.mode.suffix}'")
+    editor.check_hparams(model, spec.hparams)
+    artefacts = {a.path: a.sha256() for a in editor.artefacts(model, tok, spec.hparams)} if model is not None else {}
+    return editor, artefacts
+
+
+def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre_path: Path, out_path: Path,
+             batch_size: int = 32, verify_restore: bool = False, progress: bool = True,
+             model_id: str | None = None, ppl_corpus: str | Path | None = None, parts: Path | None = None,
+             shard: tuple[int, int] = (0, 1), expect_fingerprint: str | None = None) -> list[dict] | None:
+    """Edit → score → restore for each unit of one cell (model × editor × ±SADR × mode); ``model_id`` as in
+    `run_pre`. Returns the merged rows, or None while other shards' units are missing."""
+    from evaluators.drift import DriftProbe
+    from evaluators.scoring import ProbeScorer
+    from model_layer.checksum import model_state
+
+    pre = _pre_rows(pre_path, cases)
+    editor, artefacts = prepare_cell(model, tok, spec)
+    hparams = dict(spec.hparams)
+    sadr = editor.sadr_settings(hparams) if spec.sadr else None
     texts, corpus_sha = _ppl_texts(ppl_corpus)
     scorer = ProbeScorer(model, tok, batch_size=batch_size, ppl_texts=texts)
     env = environment(model)
     fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "model_id": model_id or spec.model_name,
-                      "dataset": content_id, "hparams": hparams, "env": env, "batch_size": batch_size,
-                      "code": code_identity(EDIT_CODE, (editor,)), "ppl_corpus": corpus_sha})
-    before = param_checksum(model) if verify_restore else None
+                      "dataset": content_id, "hparams": portable_hparams(dict(hparams, sadr=spec.sadr)),
+                      "artefacts": artefacts, "env": env, "batch_size": batch_size,
+                      "code": code_identity(CELL_CODE, tuple(editor.code_files())), "ppl_corpus": corpus_sha})
     probe = DriftProbe(model, tok) if spec.editor != "none" else None
+    mode = spec.mode
+    check = verify_restore or mode.kind != SINGLE
+    by_id = {c.case_id: c for c in cases}
 
-    def compute(case: Case):
-        if probe is not None:
-            probe.before(case)
+    def compute(unit: runner.Unit):
+        from editors.base import EditContext
+
+        unit_cases = [by_id[c] for c in unit.case_ids]
+        before = model_state(model, editor) if check else None
+        states = {c.case_id: probe.before(c) for c in unit_cases} if probe is not None else {}
+        post, diag, tim = {}, {}, {c.case_id: {} for c in unit_cases}
+
+        def evaluate(case: Case):
+            t0 = time.perf_counter()
+            post[case.case_id] = scorer.score_case(case)
+            t1 = time.perf_counter()
+            if probe is not None:
+                diag[case.case_id]["attn_drift"] = probe.after(states[case.case_id])
+            tim[case.case_id].update(score_s=t1 - t0, drift_s=time.perf_counter() - t1)
+
+        ctx = EditContext(model, sadr)
+        groups = [unit_cases] if mode.kind == "batch" else [[c] for c in unit_cases]
+        for position, group in enumerate(groups):
+            t0 = time.perf_counter()
+            handle = editor.apply(model, tok, group, hparams, ctx)
+            ctx.push(handle)
+            for i, case in enumerate(group):
+                diag[case.case_id] = dict(handle.diagnostics)
+                if mode.kind == "seq":
+                    diag[case.case_id]["stream_position"] = position
+                elif mode.kind == "batch":
+                    diag[case.case_id]["batch_position"] = i
+                tim[case.case_id].update(edit_s=time.perf_counter() - t0, editor=handle.timings)
+            if mode.timing == "each":
+                for case in group:
+                    evaluate(case)
+        if mode.timing == "final":
+            for case in unit_cases:
+                evaluate(case)
         t0 = time.perf_counter()
-        handle = editor.edit(model, tok, case, hparams)
-        t1 = time.perf_counter()
-        post = scorer.score_case(case)
-        t2 = time.perf_counter()
-        diagnostics = dict(handle.diagnostics)
-        if probe is not None:
-            diagnostics["attn_drift"] = probe.after()
-        t3 = time.perf_counter()
-        handle.restore()
-        if verify_restore and param_checksum(model) != before:
-            raise RuntimeError(f"{spec.cell_id} {case.case_id}: weights differ after restore()")
-        row = {"cell": spec.cell_id, "case_id": case.case_id, "source": case.source, "pre": pre[case.case_id],
-               "post": post, "editor": {"name": spec.editor, "sadr": spec.sadr, "diagnostics": diagnostics},
-               "env": env}
-        return row, {"edit_s": t1 - t0, "score_s": t2 - t1, "drift_s": t3 - t2, "restore_s": time.perf_counter() - t3,
-                     "editor": handle.timings}
+        ctx.restore_all()
+        tim[unit_cases[-1].case_id]["restore_s"] = time.perf_counter() - t0
+        if check and model_state(model, editor) != before:
+            raise RuntimeError(f"{spec.cell_id} unit {unit.key}: the model differs after restore() "
+                               f"(undo kind {editor.undo!r}): the editor's restore is not exact")
+        rows = [{"cell": spec.cell_id, "case_id": c.case_id, "source": c.source, "pre": pre[c.case_id]["scores"],
+                 "post": post[c.case_id], "editor": {"name": spec.editor, "sadr": spec.sadr,
+                                                     "diagnostics": diag[c.case_id]}, "env": env}
+                for c in unit_cases]
+        return rows, [tim[c.case_id] for c in unit_cases]
 
-    return _resumable_loop(Path(out_path), cases, fp, compute, desc=spec.cell_id, progress=progress, journal=journal)
+    plan = runner.make_plan(fp, list(by_id), mode)
+    return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, shard, progress,
+                      desc=spec.cell_id, expect_fingerprint=expect_fingerprint)["rows"]

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from driftbench.io import atomic_write_json, atomic_write_text, read_jsonl
+from basis.cells import CellName
+from basis.io import atomic_write_json, atomic_write_text, read_jsonl
 from evaluators.metrics import AVG_S_METRICS, drift_summary, score_cell
 
 COLUMNS = ["ES", "PS", "NS", "RS", "DNS", "RES"]
@@ -56,15 +57,17 @@ def config_name(cell: str, over: Mapping[str, Any]) -> str:
 def run_sweep(model, tok, *, profile: str, model_name: str, editor: str, sadr: bool, base_hparams: dict,
               grid: list[dict], cases: list, content_id: str, out_dir: Path, batch_size: int,
               model_id: str | None = None, progress: bool = True) -> dict:
+    from editors.base import get_editor
     from evaluators.harness import CellSpec, run_cell, run_pre
 
     out_dir = Path(out_dir)
     pre_path = out_dir / "pre.jsonl"
     run_pre(model, tok, model_name, content_id, cases, pre_path, batch_size=batch_size, progress=progress,
             model_id=model_id)
-    cell = editor + ("+sadr" if sadr else "")
+    cell = str(CellName(editor, sadr))
     for over in grid:
         spec = CellSpec(f"{profile}-sweep", model_name, editor, sadr, {**base_hparams, **over})
+        get_editor(editor).prepare(model, tok, spec.hparams, progress=progress)  # artefacts of sweep-only values
         run_cell(model, tok, spec, content_id, cases, pre_path, out_dir / f"{config_name(cell, over)}.jsonl",
                  batch_size=batch_size, progress=progress, model_id=model_id)
     return summarise(out_dir)

@@ -34,7 +34,8 @@ from typing import Any, Iterable, Mapping
 
 from markupsafe import Markup
 
-from driftbench import __version__
+from basis import __version__
+from basis.cells import parse_cell
 from evaluators.aggregate import PRE_LABEL, TABLE_METRICS, SummaryBuilder, parse_cell_id
 from evaluators.metrics import MAGNITUDES, PROTOCOLS, get_protocol, score_cell_protocols
 from leaderboard import provenance as prov
@@ -261,6 +262,12 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
         if e.kind == "submission" and e.page["provenance"]["metadata"].get("partial"):
             e.group = f"{e.group} · partial runs (not ranked)"
             e.badges.append(("b-partial", "partial run", f"covers {e.n_cases} cases, not the profile's full set"))
+    for e in entries:  # streams and batches: their own table, labelled with the editing regime and evaluation timing
+        mode = parse_cell_id(e.cell).get("mode") if e.cell else None
+        if mode:
+            label = parse_cell(e.cell.rsplit("/", 1)[1]).mode.label
+            e.group = f"{e.group} · {mode}: {label}"
+            e.badges.append(("b-mode", mode, f"protocol {mode}: {label}; drift against the unedited model"))
     for e in entries:
         if e.page is not None:
             e.href = f"cells/{slug(e.cell or e.key, 'sub-' if e.kind == 'submission' else '', e.key)}.html"

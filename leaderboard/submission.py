@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from driftbench import __version__
-from driftbench.errors import UserError
-from driftbench.io import JsonInputError, dumps_line, loads_strict
+from basis import __version__
+from basis.errors import UserError
+from basis.io import JsonInputError, dumps_line, loads_strict
 from evaluators.aggregate import parse_cell_id
 from evaluators.metrics import PROTOCOLS
 from leaderboard.scores import load_result_file, summarize
@@ -210,10 +210,17 @@ def expected_cell(meta: Mapping) -> str:
 
 
 def _cell_matches(meta: Mapping) -> bool:
-    """The cell id is what profile/model/editor give, optionally with a context-template seed suffix ``.s<n>``."""
-    import re
+    """The cell id is what profile/model/editor give, with any mode and seed suffix the grammar allows
+    (basis.cells: ``.seq16``, ``.s2``)."""
+    from basis.cells import parse_cell_id as parse
 
-    return re.fullmatch(re.escape(expected_cell(meta)) + r"(\.s\d+)?", meta["cell"]) is not None
+    try:
+        cid = parse(meta["cell"])
+    except UserError:
+        return False
+    ed = meta["editor"]
+    return (cid.profile, cid.model, cid.name.editor, cid.name.sadr) == (meta["profile"], meta["model"], ed["name"],
+                                                                        ed["sadr"])
 
 
 def validate_bundle(path: str | Path, datasets: Mapping[str, str], dataset_cases: Mapping[str, str] | None = None,

@@ -16,6 +16,8 @@ import random
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from basis.cells import parse_cell_id
+
 ENV = {"device": "cpu", "dtype": "float32", "lm_eval": "0.4.13", "python": "3.11.7", "torch": "2.13.0+cpu",
        "transformers": "5.23.0"}
 EDIT_KEYS = ("rewrite", "paraphrase", "subject_alias", "reasoning")
@@ -59,9 +61,8 @@ def synthetic_rows(cell: str, n_cases: int, seed: int = 0, skill: float = 1.5, d
 
     Pre-edit probes depend only on (case, seed) — not on the cell — so cells of one model share identical
     ``pre`` entries, as the pipeline guarantees (``evaluators.aggregate`` checks it)."""
-    editor = cell.rsplit("/", 1)[1]
-    sadr = editor.endswith("+sadr")
-    base = editor[: -len("+sadr")] if sadr else editor
+    name = parse_cell_id(cell).name
+    sadr, base = name.sadr, name.editor
     if cases is None:
         cases = [(case_id(s, i), s) for i in range(n_cases) for s in ["counterfact" if i % 2 == 0 else "wikidata"]]
     for i, (cid, source) in enumerate(cases):
@@ -85,7 +86,7 @@ def synthetic_rows(cell: str, n_cases: int, seed: int = 0, skill: float = 1.5, d
 
 def write_result_file(path, cell: str, n_cases: int, **kwargs) -> Path:
     """Write ``synthetic_rows(cell, n_cases, **kwargs)`` as a result file (canonical JSONL, like the harness)."""
-    from driftbench.io import atomic_write_jsonl
+    from basis.io import atomic_write_jsonl
 
     path = Path(path)
     atomic_write_jsonl(path, synthetic_rows(cell, n_cases, **kwargs))

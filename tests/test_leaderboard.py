@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from driftbench.cli import main
-from driftbench.io import read_jsonl
+from basis.io import read_jsonl
 from evaluators.aggregate import aggregate
 from evaluators.metrics import PROTOCOLS, score_cell
 from leaderboard import site as site_mod
@@ -456,8 +456,17 @@ def test_script_editor_name_renders_inert(tmp_path):
 
 
 def test_pipeline_result_with_html_in_cell_id_is_escaped(tmp_path):
+    """HTML in the free-form model part of a cell id is escaped on every page; in the cell name it is refused (the
+    grammar of basis/cells.py allows letters, digits, '-', '_' only)."""
+    from evaluators.aggregate import ResultFileError
+
     evil = "<img src=x onerror=alert(1)>"
-    files = [write_result_file(tmp_path / "e.jsonl", f"embedded/tiny/{evil}", 4)]
+    named = write_result_file(tmp_path / "n.jsonl", "embedded/tiny/rome", 4)
+    named.write_text(named.read_text().replace('"embedded/tiny/rome"', f'"embedded/tiny/{evil}"'))
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(ResultFileError, match="is not a cell name"):
+        build(tmp_path / "refused", [named], paper_csv=None)
+    files = [write_result_file(tmp_path / "e.jsonl", f"embedded/{evil}/rome", 4)]
     out = build(tmp_path, files, paper_csv=None)
     for page in [out / "index.html", *(out / "cells").glob("*.html")]:
         text = page.read_text()

@@ -122,6 +122,7 @@ def test_memit_cell_through_the_harness(tiny_model_dirs, mirror, tmp_path):
     ck = param_checksum(model)
     cases = CASES[:2]
     hp = memit_hparams(mirror, tmp_path, v_num_grad_steps=4, sadr_steps=4)
+    Memit().prepare(model, tok, hp, progress=False)  # the artefacts (the `stats` stage's job in the pipeline)
     run_pre(model, tok, "tiny", "test", cases, tmp_path / "pre.jsonl", progress=False)
     rows = run_cell(model, tok, CellSpec("test", "tiny", "memit", True, hp), "test", cases, tmp_path / "pre.jsonl",
                     tmp_path / "memit+sadr.jsonl", verify_restore=True, progress=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from driftbench.params import parse_cell
+from basis.cells import parse_cell
 from editors.memit import MemitHparams
 from editors.rome import RomeHparams
 from model_layer.loading import DTYPES
@@ -34,7 +34,7 @@ def test_every_profile_is_complete_and_its_hparams_parse():
                 hp = MemitHparams.from_dict(editors["memit"])
                 assert hp.layers[0] >= 0 and hp.sadr_steps >= hp.v_num_grad_steps
         for cell in prof["cells"]:  # every cell's editor has hyper-parameters for every model
-            editor = parse_cell(cell)[0]
+            editor = parse_cell(cell).editor
             if editor != "none":
                 assert all(editor in (prof["hparams"].get(m) or {}) for m in prof["models"]), f"{name}: {cell}"
 

@@ -193,11 +193,11 @@ def test_drift_probe_on_tiny_model(tiny_model_dirs, mirror, tmp_path):
     i = token_index_at_char(tok, text, end - 1)
     assert tok.decode(tok(text)["input_ids"][i]).strip()[-1] == "x"  # last character of "Darrieux"
     probe = DriftProbe(model, tok)
-    probe.before(case)
-    assert probe.after() == {"neighborhood_distracted": [0.0, 0.0], "relation": [0.0]}  # unchanged model
-    probe.before(case)
+    state = probe.before(case)
+    assert probe.after(state) == {"neighborhood_distracted": [0.0, 0.0], "relation": [0.0]}  # unchanged model
+    state = probe.before(case)
     with torch.no_grad():
         model.get_submodule("model.layers.1.mlp.down_proj").weight.mul_(3.0)
-    d = probe.after()
+    d = probe.after(state)
     assert any(abs(x) > 1e-4 for x in d["neighborhood_distracted"] + d["relation"])
     assert model.config._attn_implementation != "eager"  # eager only while capturing

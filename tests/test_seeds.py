@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from driftbench.errors import UserError
+from basis.errors import UserError
 
-from driftbench.params import Profile, cell_seed, check_profile_cells, parse_cell, seeded_cells
+from basis.cells import parse_cell, seeded_cells
+from basis.params import Profile, check_profile_cells
 from evaluators.aggregate import aggregate, parse_cell_id, seed_groups
 from leaderboard.synthetic import write_result_file
 
@@ -18,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cell_names_with_seeds():
-    assert parse_cell("rome+sadr.s2") == ("rome", True) and cell_seed("rome+sadr.s2") == 2
-    assert parse_cell("rome") == ("rome", False) and cell_seed("rome") is None
+    c = parse_cell("rome+sadr.s2")
+    assert (c.editor, c.sadr, c.seed, c.config, str(c)) == ("rome", True, 2, "rome+sadr", "rome+sadr.s2")
+    c = parse_cell("rome")
+    assert (c.editor, c.sadr, c.seed) == ("rome", False, None)
     info = parse_cell_id("embedded/smollm2-135m/rome+sadr.s12")
     assert (info["config"], info["seed"], info["sadr"], info["base_editor"]) == ("rome+sadr", 12, True, "rome")
     assert parse_cell_id("paper/org/model/memit")["seed"] is None
@@ -41,12 +44,12 @@ def test_profile_cells_must_match_seeds():
 def test_the_default_profile_runs_every_editor_cell_for_three_seeds_or_more():
     import yaml
 
-    from driftbench.params import get_profile
+    from basis.params import get_profile
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     prof = get_profile(params, "embedded")  # runs check_profile_cells
     assert len(prof.raw["seeds"]) >= 3
-    assert {cell_seed(c) or 0 for c in prof.raw["cells"] if parse_cell(c)[0] != "none"} == set(prof.raw["seeds"])
+    assert {parse_cell(c).seed or 0 for c in prof.raw["cells"] if parse_cell(c).editor != "none"} == set(prof.raw["seeds"])
 
 
 def test_aggregate_reports_the_spread_over_seeds(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from driftbench.io import atomic_write_jsonl, read_jsonl
-from driftbench.errors import UserError
+from basis.io import atomic_write_jsonl, read_jsonl
+from basis.errors import UserError
 from evaluators.aggregate import SummaryBuilder, load_cell
 from leaderboard.site import build_site
 from leaderboard.submission import BundleError, pack_bundle, validate_bundle

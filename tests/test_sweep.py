@@ -124,21 +124,19 @@ def test_sweep_on_held_out_cases_with_a_tiny_model(tmp_path, mirror, tiny_model_
 def test_code_identity_follows_the_code_and_plugins(tmp_path, monkeypatch):
     import importlib
 
-    from evaluators.harness import EDIT_CODE, code_identity
+    from editors.base import as_v2
+    from evaluators.harness import CELL_CODE, code_identity
 
-    base = code_identity(EDIT_CODE)
-    assert base == code_identity(EDIT_CODE) and len(base) == 16
+    base = code_identity(CELL_CODE)
+    assert base == code_identity(CELL_CODE) and len(base) == 16
     plugin = tmp_path / "my_plugin_editor.py"
-    plugin.write_text("class MyEdit:\n    name = 'myedit'\n")
+    plugin.write_text("class MyEdit:\n    name = 'myedit'\n    def edit(self, model, tok, case, hparams): ...\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = importlib.import_module("my_plugin_editor")
-    with_plugin = code_identity(EDIT_CODE, (mod.MyEdit(),))
+    files = tuple(as_v2(mod.MyEdit()).code_files())
+    assert [f.name for f in files] == ["my_plugin_editor.py"]
+    with_plugin = code_identity(CELL_CODE, files)
     assert with_plugin != base  # a plugin outside the repository is part of the identity
-    plugin.write_text("class MyEdit:\n    name = 'myedit'  # changed\n")
-    assert code_identity(EDIT_CODE, (mod.MyEdit(),)) != with_plugin
-    # any editor class outside the covered paths counts, e.g. one defined in a test module
-    class Double:
-        pass
-
-    assert code_identity(EDIT_CODE, (Double(),)) != base
+    plugin.write_text("class MyEdit:\n    name = 'myedit'  # changed\n    def edit(self, m, t, c, h): ...\n")
+    assert code_identity(CELL_CODE, files) != with_plugin
     assert code_identity(("evaluators/probes.py",)) != code_identity(("evaluators/scoring.py",))

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from driftbench.errors import UserError
+from basis.errors import UserError
 
 MAX_DEPTH = 64  # no file of ours nests deeper than ~8; deeper input is refused before anything walks it
 
@@ -188,10 +188,11 @@ class AppendLog:
 class OutputLock:
     """An exclusive, per-output lock held for a whole run (``fcntl.flock`` on ``lock_path``, released by the kernel
     when the process dies, so a killed run never leaves a stale lock). A second process asking for the same output
-    gets a :class:`UserError` naming the holder's pid instead of doing the same work twice and interleaving lines."""
+    gets a :class:`UserError` naming the holder's pid instead of doing the same work twice and interleaving lines;
+    with ``wait`` it waits its turn instead (short critical sections such as a merge)."""
 
-    def __init__(self, lock_path: str | os.PathLike, what: str):
-        self.path, self.what, self._fh = Path(lock_path), what, None
+    def __init__(self, lock_path: str | os.PathLike, what: str, wait: bool = False):
+        self.path, self.what, self.wait, self._fh = Path(lock_path), what, wait, None
 
     def __enter__(self) -> "OutputLock":
         import fcntl
@@ -199,7 +200,7 @@ class OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+", encoding="utf-8")
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fh.seek(0)
             pid = fh.read().strip() or "unknown"

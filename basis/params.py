@@ -1,14 +1,14 @@
 """Read `params.yaml` and derive every path the stages use (one place, so dvc.yaml and the CLI agree)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from driftbench.errors import UserError
+from basis.cells import parse_cell, seeded_cells
+from basis.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,10 @@ class Profile:
         """Where ``--limit`` runs write (never over the full run's files)."""
         return self.results_dir(model) / "smoke"
 
-    def journal_path(self, model: str, rel: str) -> Path:
-        """The journal of output ``rel`` (e.g. ``cells/rome.jsonl``), shared by full and smoke runs: every row ever
-        computed for it (evaluators.harness)."""
-        return self.results_dir(model) / ".journal" / rel
+    def parts_dir(self, model: str) -> Path:
+        """Part files of every output of a model (evaluators.runner), shared by full and smoke runs; ignored by git
+        and DVC."""
+        return self.results_dir(model) / ".parts"
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -85,20 +85,6 @@ def get_profile(params: dict[str, Any], name: str) -> Profile:
     return profile
 
 
-CELL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\+sadr)?(\.s\d+)?$")
-
-
-def check_cell_name(cell: Any, where: str = "cell") -> str:
-    """A cell name is ``<editor>[+sadr][.s<seed>]`` with a plain editor name (letters, digits, ``-``, ``_``): it
-    becomes a file name, so nothing else (no ``/``, ``..``, spaces) is accepted."""
-    if not isinstance(cell, str) or not CELL_NAME.match(cell):
-        raise UserError(f"{where} {cell!r} is not a cell name: expected <editor>[+sadr][.s<seed>], e.g. rome+sadr or "
-                        "rome.s1 (letters, digits, '-' and '_' only)")
-    if parse_cell(cell) == ("none", True):
-        raise UserError(f"{where} {cell!r}: the unedited baseline 'none' has no SADR variant; use 'none'")
-    return cell
-
-
 def check_profile(profile: "Profile") -> None:
     """Types and ranges of a profile's fields, checked before any stage touches a file."""
     raw, where = profile.raw, f"params.yaml: profiles.{profile.name}"
@@ -121,7 +107,7 @@ def check_profile(profile: "Profile") -> None:
     if not isinstance(cells, list):
         raise UserError(f"{where}.cells must be a list of cell names")
     for i, c in enumerate(cells):
-        check_cell_name(c, f"{where}.cells[{i}]")
+        parse_cell(c, f"{where}.cells[{i}]")
     if len(set(cells)) != len(cells):
         raise UserError(f"{where}.cells lists a cell twice")
     hp = raw.get("hparams")
@@ -129,33 +115,6 @@ def check_profile(profile: "Profile") -> None:
                                                                                           for e in v.values())
                                                             for v in hp.values() if v is not None)):
         raise UserError(f"{where}.hparams must map model -> editor -> {{name: value}}")
-
-
-SEED_SUFFIX = re.compile(r"\.s(\d+)$")
-
-
-def parse_cell(cell: str) -> tuple[str, bool]:
-    """``"rome+sadr" -> ("rome", True)``; a seed suffix (``"rome+sadr.s2"``) is ignored here (`cell_seed`)."""
-    cell = SEED_SUFFIX.sub("", cell)
-    return (cell[: -len("+sadr")], True) if cell.endswith("+sadr") else (cell, False)
-
-
-def cell_seed(cell: str) -> int | None:
-    """The context-template seed a cell name asks for: ``"rome.s2" -> 2``; None without a suffix (the editor's
-    hparams decide, template_seed 0 by default)."""
-    m = SEED_SUFFIX.search(cell)
-    return int(m.group(1)) if m else None
-
-
-def seeded_cells(cells: list[str], seeds: list[int], unseeded: tuple[str, ...] = ("none",)) -> list[str]:
-    """The cell list a profile with template ``seeds`` must have: every editor cell once per seed (the first seed
-    as the plain name, the others as ``<cell>.s<seed>``); the editors in ``unseeded`` (no randomness) once."""
-    out = []
-    for cell in cells:
-        out.append(cell)
-        if parse_cell(cell)[0] not in unseeded:
-            out += [f"{cell}.s{s}" for s in seeds[1:]]
-    return out
 
 
 def check_profile_cells(profile: "Profile") -> None:
@@ -168,7 +127,7 @@ def check_profile_cells(profile: "Profile") -> None:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise UserError(f"params.yaml: profiles.{profile.name}.seeds must be a list of distinct non-negative "
                         f"integers starting with 0 (got {seeds!r})")
-    base = [c for c in cells if cell_seed(c) is None]
+    base = [c for c in cells if parse_cell(c).seed is None]
     want = seeded_cells(base, seeds)
     if cells != want:
         raise UserError(f"params.yaml: profiles.{profile.name}.cells must list every editor cell once per seed "

@@ -1,0 +1,5 @@
+import sys
+
+from driftbench.cli import main
+
+sys.exit(main())

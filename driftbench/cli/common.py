@@ -1,0 +1,149 @@
+"""Helpers every command group shares: the dataset card and subset, model identity and loading, hparams with
+mirror paths resolved, smoke-run paths, result-file discovery."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from basis.errors import UserError
+from basis.io import read_json
+from basis.params import get_profile
+
+
+def _card(params) -> dict:
+    path = Path(params["data"]["out"]) / "card.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `driftbench dataset build` first")
+    return read_json(path)
+
+
+def _subset_cases(params, profile):
+    from data_pipeline.dataset import load_cases
+
+    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+    sp = profile.subset_path()
+    if not sp.is_file():
+        raise UserError(f"{sp} not found: run `driftbench dataset subset -p {profile.name}` first")
+    doc = read_json(sp)
+    ids = doc.get("case_ids") if isinstance(doc, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise UserError(f"{sp}: expected {{\"case_ids\": [...]}}; rerun `driftbench dataset subset -p {profile.name}`")
+    by_id = {c.case_id: c for c in cases}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise UserError(f"{sp} names case {missing[0]} which is not in the dataset: rerun `driftbench dataset subset`")
+    return [by_id[i] for i in ids]
+
+
+def _model_id(profile, name: str) -> str:
+    """Identity of the weights for content-derived stats names: GGUF sha256 of a prepared model, else ref@revision."""
+    prov = profile.prepared_model_dir(name) / "driftbench_model.json"
+    m = profile.models[name]
+    if prov.is_file():
+        p = read_json(prov)
+        return f"{name}@{p.get('gguf_sha256', p.get('ref'))[:16]}"
+    return f"{m['ref']}@{m.get('revision', 'main')}"
+
+
+def _hparams(params, profile, name: str, editor: str) -> dict:
+    """The profile's hyper-parameters for (model, editor), with data paths resolved through the mirror."""
+    from data_pipeline.dataset import resolve_mirror
+
+    hp = dict((profile.raw.get("hparams") or {}).get(name, {}).get(editor, {}) or {})
+    if editor != "none":
+        hp.setdefault("model_id", _model_id(profile, name))
+        hp.setdefault("stats_dir", str(Path("stats") / name))
+        corpus = hp.get("stats_corpus", "wikitext-2-raw/wiki.test.raw")
+        if not corpus.startswith("hub:"):  # a file of the data mirror
+            hp["stats_corpus"] = str(resolve_mirror(params["data"]["mirror"]) / corpus)
+    return hp
+
+
+def _ppl_corpus(params) -> Path | None:
+    """The ME-PPL corpus of the data mirror (params data.me_ppl_corpus); None disables FL and ME-PPL."""
+    from data_pipeline.dataset import resolve_mirror
+
+    rel = params["data"].get("me_ppl_corpus")
+    if not rel:
+        return None
+    path = resolve_mirror(params["data"]["mirror"]) / rel
+    if not path.is_file():
+        raise UserError(f"ME-PPL corpus {path} not found: set the data mirror (DRIFTBENCH_DATA_MIRROR) or "
+                        "params data.me_ppl_corpus")
+    return path
+
+
+def _load(profile, model_name):
+    import torch
+
+    from model_layer.loading import load_model
+
+    torch.manual_seed(0)
+    name, m = profile.model(model_name)
+    prepared = profile.prepared_model_dir(name)
+    ref = str(prepared) if prepared.is_dir() else m["ref"]
+    model, tok = load_model(ref, dtype=m.get("dtype", "float32"), device=profile.raw.get("device", "cpu"),
+                            revision=m.get("revision"))
+    return name, model, tok
+
+
+def _limited(profile, name: str, path: Path, limit: int) -> Path:
+    """The output of a run: ``path`` itself, or its twin under the smoke folder for a ``--limit`` run."""
+    if limit < 0:
+        raise UserError(f"--limit must be a positive number of cases, got {limit}")
+    return profile.smoke_dir(name) / path.relative_to(profile.results_dir(name)) if limit else path
+
+
+def _dataset_identity(params, card_path=None, cases_path=None, need_card=True):
+    """(card or None, {version: content_id}, {case_id: source} or None) of the dataset in params.yaml."""
+    from leaderboard.submission import dataset_cases
+
+    out = Path(params["data"]["out"])
+    card_path = Path(card_path) if card_path else out / "card.json"
+    if not card_path.is_file():
+        if need_card:
+            raise UserError(f"{card_path} not found: run `driftbench dataset build` (or pass --card)")
+        print(f"warning: {card_path} not found: dataset version unknown, submissions cannot be validated "
+              "(run `driftbench dataset build`)", file=sys.stderr)
+        return None, {}, None
+    card = read_json(card_path)
+    cases_path = Path(cases_path) if cases_path else out / "cases.jsonl"
+    cases = dataset_cases(cases_path) if cases_path.is_file() else None
+    return card, {card["version"]: card["content_id"]}, cases
+
+
+def _profile_cases(params, cases_path=None) -> dict[str, set] | None:
+    """Each profile's full case set (its subset file when built, else its seeded stratified subset of the dataset;
+    all cases when subset_size is 0): what a submission of that profile must cover. None without the dataset."""
+    from data_pipeline.dataset import load_cases
+    from data_pipeline.subset import stratified_subset
+
+    path = Path(cases_path) if cases_path else Path(params["data"]["out"]) / "cases.jsonl"
+    if not path.is_file():
+        return None
+    cases = load_cases(path)
+    out = {}
+    for name in params.get("profiles") or {}:
+        profile = get_profile(params, name)
+        sp = profile.subset_path()
+        size = int(profile.raw.get("subset_size") or 0)
+        if sp.is_file():
+            out[name] = set(read_json(sp)["case_ids"])
+        else:
+            out[name] = set(stratified_subset(cases, size, int(profile.raw.get("seed", 0))) if size
+                            else (c.case_id for c in cases))
+    return out
+
+
+def _result_files(paths) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.glob("*.jsonl") if not f.name.endswith(".timings.jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such result file or folder")
+    return files
+
+

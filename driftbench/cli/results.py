@@ -1,0 +1,194 @@
+"""The results stages: `aggregate`, `leaderboard`, `submit`, `validate`, `editors`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from basis.errors import UserError
+from basis.cells import parse_cell
+from basis.params import get_profile
+from driftbench.cli.common import _dataset_identity, _profile_cases, _result_files, _subset_cases
+
+
+
+def cmd_aggregate(args, params):
+    from evaluators.aggregate import aggregate, format_table
+
+    profile = get_profile(params, args.profile)
+    files = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("cells", [])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"missing result files {missing}: run their `driftbench run-cell` stages first")
+    expected = [c.case_id for c in _subset_cases(params, profile)]
+    summary = aggregate(files, Path(args.out_json), Path(args.out_md), expected_cases=expected)
+    print(format_table(summary))
+    print(f"\nwrote {args.out_json} and {args.out_md}")
+
+
+def cmd_leaderboard(args, params):
+    from leaderboard.provenance import git_commit
+    from leaderboard.site import build_site
+    from leaderboard.submission import BundleError
+
+    files = []
+    if not args.no_profile:
+        profile = get_profile(params, args.profile)
+        wanted = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("cells", [])]
+        missing = [str(f) for f in wanted if not f.is_file()]
+        if missing and not args.allow_missing:
+            raise UserError(f"missing result files {missing}: run their `driftbench run-cell` stages first "
+                            "(or pass --allow-missing)")
+        files += [f for f in wanted if f.is_file()]
+    files += _result_files(args.results)
+    if args.no_paper:
+        paper = None
+    elif args.paper_csv:
+        paper = Path(args.paper_csv)
+    else:
+        from data_pipeline.dataset import resolve_mirror
+
+        paper = resolve_mirror(params["data"]["mirror"]) / "paper_reported.csv"
+    if paper is not None and not paper.is_file():
+        raise UserError(f"{paper} not found: pass --paper-csv PATH, or --no-paper to leave the paper's rows out")
+    card, _, cases = _dataset_identity(params, need_card=False)
+    try:
+        data = build_site(sorted(set(files)), Path(args.out), submissions_dir=Path(args.submissions),
+                          paper_csv=paper, dvc_lock=Path(args.dvc_lock), params=params, card=card,
+                          git=git_commit("."), on_invalid="skip" if args.skip_invalid else "error",
+                          profile_cases=_profile_cases(params),
+                          dataset_cases=cases, log=(lambda m: None) if args.quiet else print)
+    except BundleError as exc:
+        raise UserError(f"{exc}\nfix or remove the bundle, or pass --skip-invalid to build without it")
+    kinds = {}
+    for e in data.entries:
+        kinds[e.kind] = kinds.get(e.kind, 0) + 1
+    for r in data.rejected:
+        print(f"left out an invalid submission:\n{r}", file=sys.stderr)
+    print(f"leaderboard: {kinds.get('pipeline', 0)} pipeline cells, {kinds.get('submission', 0)} submissions, "
+          f"{kinds.get('paper', 0)} paper rows, {data.build['n_rows']} per-case rows -> {args.out}/index.html "
+          f"(serve it: python -m http.server -d {args.out})")
+
+
+def cmd_submit(args, params):
+    from leaderboard.provenance import git_commit
+    from leaderboard.submission import BundleError, bundle_name, pack_bundle
+
+    profile = get_profile(params, args.profile)
+    name, _ = profile.model(args.model)
+    editor = parse_cell(args.cell, "cell").editor
+    result = Path(args.results) if args.results else profile.cell_path(name, args.cell)
+    if not result.is_file():
+        raise UserError(f"{result} not found: run `driftbench run-cell -p {profile.name} -m {name} -c {args.cell}` first")
+    card, datasets, cases = _dataset_identity(params, args.card)
+    hparams = ((profile.raw.get("hparams") or {}).get(name) or {}).get(editor)
+    out = Path(args.out) if args.out else Path(args.submissions) / bundle_name(f"{profile.name}/{name}/{args.cell}")
+    try:
+        path = pack_bundle(result, out, dataset={"version": card["version"], "content_id": card["content_id"]},
+                           editor={"version": args.editor_version, "description": args.description, "url": args.url,
+                                   "plugin": args.plugin, "package": args.package,
+                                   "hparams": hparams if hparams is not None else None},
+                           submitter={"name": args.submitter, "contact": args.contact, "affiliation": args.affiliation},
+                           protocols=args.protocol or None, git_commit=git_commit(".")["commit"], notes=args.notes,
+                           tar=args.tar, datasets=datasets, dataset_case_map=cases, partial=args.partial,
+                           profile_cases=_profile_cases(params, args.cases if hasattr(args, "cases") else None))
+    except (BundleError, FileExistsError, ValueError) as exc:
+        raise UserError(str(exc))
+    print(f"packed and validated {path}; check it with `driftbench validate {path}`, then open a pull request "
+          "adding it under leaderboard/submissions/")
+
+
+def cmd_validate(args, params):
+    from leaderboard.submission import BundleError, validate_bundle
+
+    _, datasets, cases = _dataset_identity(params, args.card, args.cases)
+    profile_cases = None if args.no_case_check else _profile_cases(params, args.cases)
+    if args.no_case_check:
+        cases = None
+    elif cases is None:
+        print("note: the dataset's cases.jsonl is not here, so case ids are not checked against it "
+              "(run `driftbench dataset build`)", file=sys.stderr)
+    bad = 0
+    for path in args.bundles:
+        try:
+            b = validate_bundle(path, datasets, cases, profile_cases)
+        except BundleError as exc:
+            bad += 1
+            print(f"REJECTED {exc}", file=sys.stderr)
+            continue
+        m = b.metadata
+        print(f"OK {path}: {m['cell']} ({m['editor']['name']} {m['editor']['version']}), {len(b.rows)} cases, "
+              f"dataset {m['dataset']['version']} ({m['dataset']['content_id']}), protocols "
+              f"{', '.join(m['protocol_ids'])}; every aggregate of summary.json recomputed from cases.jsonl")
+    if bad:
+        raise UserError(f"{bad} of {len(args.bundles)} bundle(s) rejected")
+
+
+def cmd_editors(args, params):
+    from editors.base import available_editors
+
+    print("\n".join(available_editors()))
+
+
+def register(sub, add, with_profile) -> None:
+    """Add this group's subcommands to the `driftbench` parser."""
+    ag = with_profile(add(sub, "aggregate", "summary tables with 95%% CIs from result files only"), model=False)
+    ag.add_argument("--out-json", default="results/summary.json")
+    ag.add_argument("--out-md", default="results/summary.md")
+    ag.set_defaults(func=cmd_aggregate)
+
+    lb = with_profile(add(sub, "leaderboard", "build the static leaderboard site (index with one table per model, "
+                          "SADR deltas, ES-vs-DNS trade-off chart, per-cell pages with per-case drill-down and "
+                          "provenance) from result files, accepted submissions and the paper's reported numbers; "
+                          "no network requests, works from file:// or any static host"), model=False)
+    lb.add_argument("--results", action="append", default=[], metavar="PATH",
+                    help="extra result file (or folder of *.jsonl) to include; repeatable")
+    lb.add_argument("--no-profile", action="store_true", help="only the --results files, not the profile's cells")
+    lb.add_argument("--allow-missing", action="store_true", help="skip profile cells that have no result file yet")
+    lb.add_argument("--out", default="site", help="output folder, replaced atomically (default: site)")
+    lb.add_argument("--submissions", default="leaderboard/submissions",
+                    help="folder of accepted submission bundles (default: leaderboard/submissions)")
+    lb.add_argument("--paper-csv", default=None,
+                    help="the paper's reported numbers (default: paper_reported.csv of the data mirror)")
+    lb.add_argument("--no-paper", action="store_true", help="leave the paper's reported rows out")
+    lb.add_argument("--dvc-lock", default="dvc.lock", help="dvc.lock to read provenance from (default: dvc.lock)")
+    lb.add_argument("--skip-invalid", action="store_true",
+                    help="leave invalid submission bundles out (listed on the page) instead of failing")
+    lb.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    sm = with_profile(add(sub, "submit", "pack one cell's results (per-case rows, recomputed summary, metadata) into "
+                          "a submission bundle under leaderboard/submissions/ and validate it"))
+    sm.add_argument("-c", "--cell", required=True, help="editor, with '+sadr' for the SADR variant (e.g. myedit+sadr)")
+    sm.add_argument("--submitter", required=True, help="your name (shown on the site)")
+    sm.add_argument("--contact", default=None, help="e-mail or handle (shown on the site)")
+    sm.add_argument("--affiliation", default=None, help="affiliation (shown on the site)")
+    sm.add_argument("--editor-version", default="unversioned", help="version of the editor (default: unversioned)")
+    sm.add_argument("--description", default="", help="one paragraph on the editor (plain text, shown escaped)")
+    sm.add_argument("--url", default=None, help="paper or code URL (http/https)")
+    sm.add_argument("--plugin", default=None,
+                    help="entry point of the editor, e.g. 'myedit = mypkg.editor:MyEdit' (group driftbench.editors)")
+    sm.add_argument("--package", default=None, help="pip requirement that provides the plugin, e.g. mypkg==1.0")
+    sm.add_argument("--notes", default=None, help="anything reviewers should know (plain text)")
+    sm.add_argument("--protocol", action="append", default=[], metavar="ID",
+                    help="metric protocol to include (repeatable; default: all, i.e. paper and lm-eval)")
+    sm.add_argument("--results", default=None, help="result file to pack (default: the profile's cell file)")
+    sm.add_argument("--card", default=None, help="dataset card (default: <data.out>/card.json)")
+    sm.add_argument("--submissions", default="leaderboard/submissions", help="where bundles go (default: %(default)s)")
+    sm.add_argument("--out", default=None, help="bundle folder (default: <submissions>/<profile>__<model>__<cell>)")
+    sm.add_argument("--tar", action="store_true", help="write <out>.tar.gz instead of a folder")
+    sm.add_argument("--partial", action="store_true", help="label the bundle a partial run (it covers only part of "
+                    "the profile's cases): listed apart on the site, never ranked with full runs")
+    sm.set_defaults(func=cmd_submit)
+
+    va = add(sub, "validate", "check submission bundles: JSON Schema, dataset version and content id, protocol ids, "
+             "file hashes, rows vs dataset, and every aggregate of summary.json recomputed from cases.jsonl "
+             "(exit status 2 when any bundle is rejected)")
+    va.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folder or .tar.gz")
+    va.add_argument("--card", default=None, help="dataset card (default: <data.out>/card.json)")
+    va.add_argument("--cases", default=None, help="dataset cases.jsonl to check case ids against "
+                    "(default: <data.out>/cases.jsonl when present)")
+    va.add_argument("--no-case-check", action="store_true", help="do not check case ids against the dataset")
+    va.set_defaults(func=cmd_validate)
+
+    add(sub, "editors", "list available editors (built-in and plugins)").set_defaults(func=cmd_editors)
+

@@ -1,0 +1,209 @@
+"""The compute stages: `evaluate pre`, `run-cell`, `trace`, `stats`, `sweep`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from basis.errors import UserError
+from basis.cells import parse_cell
+from basis.params import get_profile
+from evaluators.runner import parse_shard
+from driftbench.cli.common import _card, _hparams, _limited, _load, _model_id, _ppl_corpus, _subset_cases
+
+
+
+def _parts(profile, name: str, rel: str) -> Path:
+    """Part files of output ``rel`` (e.g. ``cells/rome.jsonl``), shared by full and smoke runs."""
+    return profile.parts_dir(name) / Path(rel).with_suffix("")
+
+
+def cmd_evaluate_pre(args, params):
+    from evaluators.harness import run_pre
+
+    profile = get_profile(params, args.profile)
+    name, _ = profile.model(args.model)
+    cases = _subset_cases(params, profile)[: args.limit or None]
+    content_id, ppl = _card(params)["content_id"], _ppl_corpus(params)
+    out = _limited(profile, name, profile.pre_path(name), args.limit)
+    shard = parse_shard(args.shard)
+    name, model, tok = _load(profile, args.model)
+    rows = run_pre(model, tok, name, content_id, cases, out, ppl_corpus=ppl,
+                   batch_size=int(profile.raw.get("batch_size", 32)), progress=not args.no_progress,
+                   model_id=_model_id(profile, name), parts=_parts(profile, name, "pre.jsonl"), shard=shard)
+    _report(f"pre-edit {name}", rows, out)
+
+
+def _report(what: str, rows, out: Path) -> None:
+    if rows is None:
+        print(f"{what}: this shard is done; other shards' units are still missing, so {out} is not written yet "
+              "(the last shard to finish writes it; or rerun without --shard)")
+    else:
+        print(f"{what}: {len(rows)} cases -> {out}")
+
+
+def cell_spec(params, profile, name: str, cell: str):
+    """The CellSpec of cell name ``cell`` with the profile's hyper-parameters (seed from the name), checked as far as
+    possible without the model: editor, capabilities, hyper-parameter names, types and ranges."""
+    from evaluators.harness import CellSpec, prepare_cell
+
+    c = parse_cell(cell, "cell")
+    hparams = _hparams(params, profile, name, c.editor)
+    if c.seed is not None:
+        if "template_seed" in hparams and hparams["template_seed"] != 0:
+            raise UserError(f"cell {cell!r}: hparams of {c.editor!r} already set template_seed "
+                            f"{hparams['template_seed']}; name the seed in one place")
+        hparams["template_seed"] = c.seed
+    spec = CellSpec(profile.name, name, c.editor, c.sadr, hparams, seed=c.seed, mode=c.mode)
+    prepare_cell(None, None, spec)
+    return spec
+
+
+def cmd_run_cell(args, params):
+    from evaluators.harness import run_cell, run_none
+
+    profile = get_profile(params, args.profile)
+    name, _ = profile.model(args.model)
+    spec = cell_spec(params, profile, name, args.cell)  # everything a user can get wrong, before the model loads
+    shard = parse_shard(args.shard)
+    cases = _subset_cases(params, profile)[: args.limit or None]
+    out = _limited(profile, name, profile.cell_path(name, args.cell), args.limit)
+    pre = profile.pre_path(name)
+    if args.limit and not pre.is_file():
+        pre = _limited(profile, name, pre, args.limit)
+    parts = _parts(profile, name, f"cells/{args.cell}.jsonl")
+    if spec.editor == "none":  # post = pre: no model needed
+        rows = run_none(spec, cases, pre, out, progress=not args.no_progress, parts=parts)
+        return _report(spec.cell_id, rows, out)
+    content_id, ppl = _card(params)["content_id"], _ppl_corpus(params)
+    name, model, tok = _load(profile, args.model)
+    rows = run_cell(model, tok, spec, content_id, cases, pre, out, ppl_corpus=ppl,
+                    batch_size=int(profile.raw.get("batch_size", 32)), verify_restore=args.verify_restore,
+                    progress=not args.no_progress, model_id=_model_id(profile, name), parts=parts, shard=shard,
+                    expect_fingerprint=args.fingerprint)
+    _report(spec.cell_id, rows, out)
+
+
+def cmd_stats(args, params):
+    """Run each editor's `prepare` (its artefacts, such as key second moments) for the profile's cells and for
+    every other editor with hyper-parameters for the model, so a cell run by hand never writes into the stats
+    folder (a DVC output the cells depend on)."""
+    from editors.base import get_editor
+
+    profile = get_profile(params, args.profile)
+    name, model, tok = _load(profile, args.model)
+    editors = {parse_cell(c).editor for c in profile.raw.get("cells", [])}
+    editors |= set((profile.raw.get("hparams") or {}).get(name) or {})
+    for editor in sorted(editors):
+        for what in get_editor(editor).prepare(model, tok, _hparams(params, profile, name, editor),
+                                               progress=not args.no_progress):
+            print(f"{name} {editor}: {what}")
+
+
+def cmd_sweep(args, params):
+    """Sweep hyper-parameters of one cell on held-out cases (never the profile's reported subset)."""
+    from data_pipeline.dataset import load_cases
+    from data_pipeline.subset import held_out
+    from evaluators.sweep import parse_vary, run_sweep
+
+    profile = get_profile(params, args.profile)
+    cell = parse_cell(args.cell, "cell")
+    if cell.mode.suffix or cell.seed is not None:
+        raise UserError(f"sweep -c {args.cell!r}: sweep one editor configuration (<editor>[+sadr]); vary "
+                        "template_seed with --vary")
+    editor, sadr = cell.editor, cell.sadr
+    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+    reported = [c.case_id for c in _subset_cases(params, profile)]
+    ids = held_out(cases, args.cases, args.seed, exclude=reported)
+    by_id = {c.case_id: c for c in cases}
+    name, model, tok = _load(profile, args.model)
+    out_dir = Path(args.out) if args.out else profile.results_dir(name) / "sweep"
+    model_id = _model_id(profile, name)
+    if args.perturb:
+        from model_layer.checksum import perturb_weights
+
+        perturb_weights(model, args.perturb, args.perturb_seed)
+        model_id = f"{model_id}~perturb{args.perturb:g}@{args.perturb_seed}"
+        if not args.out:
+            out_dir = out_dir / f"perturb-{args.perturb:g}-s{args.perturb_seed}"
+    base = _hparams(params, profile, name, editor)
+    if "model_id" in base:
+        base["model_id"] = model_id
+    if "stats_dir" in base:  # the pipeline's stats folder is a DVC output: keep sweep-only layers out of it
+        base["stats_dir"] = str(out_dir / "stats")
+    summary = run_sweep(model, tok, profile=profile.name, model_name=name, editor=editor, sadr=sadr,
+                        base_hparams=base, grid=parse_vary(args.vary),
+                        cases=[by_id[i] for i in ids], content_id=_card(params)["content_id"], out_dir=out_dir,
+                        batch_size=int(profile.raw.get("batch_size", 32)), model_id=model_id,
+                        progress=not args.no_progress)
+    from evaluators.sweep import render
+
+    print(render(summary))
+    print(f"wrote {out_dir / 'sweep.md'}")
+
+
+def cmd_trace(args, params):
+    """Causal tracing of MLP outputs on ROME's known facts: the documented procedure behind each edit layer."""
+    from data_pipeline.dataset import resolve_mirror
+    from basis.io import atomic_write_json
+    from editors.tracing import known_facts, plot, trace
+
+    profile = get_profile(params, args.profile)
+    name, model, tok = _load(profile, args.model)
+    cfg = profile.raw.get("trace", {})
+    facts = known_facts(model, tok, resolve_mirror(params["data"]["mirror"]) / "rome" / "known_1000.json",
+                        int(cfg.get("facts", 30)))
+    res = trace(model, tok, facts, samples=int(cfg.get("samples", 3)), window=int(cfg.get("window", 6)),
+                seed=int(cfg.get("seed", 0)), progress=not args.no_progress)
+    out = profile.results_dir(name)
+    atomic_write_json(out / "causal_trace.json", res.__dict__)
+    plot(res, out / "causal_trace.png", name)
+    print(f"{name}: {res.n_facts} facts, clean P {res.clean_p:.3f} -> corrupted {res.corrupted_p:.3f}; "
+          f"MLP indirect effect peaks at layer {res.chosen_layer} (first half) -> {out / 'causal_trace.png'}")
+
+
+def register(sub, add, with_profile) -> None:
+    """Add this group's subcommands to the `driftbench` parser."""
+    ev = add(sub, "evaluate", "pre-edit evaluation").add_subparsers(dest="action", required=True)
+    pre = with_profile(add(ev, "pre", "score every case of the subset on the unedited model (resumable)"),
+                       progress=True, limit=True)
+    pre.add_argument("--shard", default=None, metavar="I/N", help="run only units I, I+N, ... (1-based; e.g. 2/4); "
+                     "the last shard to finish writes the output")
+    pre.set_defaults(func=cmd_evaluate_pre)
+
+    rc = with_profile(add(sub, "run-cell", "edit, score and restore every case of one cell (resumable)"),
+                      progress=True, limit=True)
+    rc.add_argument("-c", "--cell", required=True, help="cell name <editor>[+sadr][.seq<T>[-each]|.batch<B>][.s<seed>]: "
+                    "'+sadr' adds SADR; '.seq16' edits 16 cases in one stream and evaluates after all of them "
+                    "('.seq16-each': right after each edit); '.batch16' edits 16 at once; '.s1' uses template seed 1 "
+                    "(e.g. rome+sadr, memit.seq16, rome.s1)")
+    rc.add_argument("--shard", default=None, metavar="I/N", help="run only units I, I+N, ... (1-based; e.g. 2/4); "
+                    "shards may run one after the other or at once, on one machine or many sharing the folder; "
+                    "the last to finish merges the output")
+    rc.add_argument("--fingerprint", default=None, metavar="FP", help="refuse to run unless this worker's "
+                    "fingerprint is FP (the driver's; catches workers with other code, packages or data)")
+    rc.add_argument("--verify-restore", action="store_true",
+                    help="checksum all parameters after each restore and stop if they differ from the original")
+    rc.set_defaults(func=cmd_run_cell)
+
+    tr = with_profile(add(sub, "trace", "causal tracing of MLP outputs on known facts (chooses the edit layer; plot)"),
+                      progress=True)
+    tr.set_defaults(func=cmd_trace)
+
+    st = with_profile(add(sub, "stats", "second-moment statistics E[kkᵀ] for every edited layer (cached)"),
+                      progress=True)
+    st.set_defaults(func=cmd_stats)
+
+    sw = with_profile(add(sub, "sweep", "hyper-parameter sweep of one cell on held-out cases (resumable; table in "
+                          "results/<profile>/<model>/sweep/sweep.md)"), progress=True)
+    sw.add_argument("-c", "--cell", required=True, help="editor, with '+sadr' for the SADR variant (e.g. rome+sadr)")
+    sw.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
+                    help="hparam values to try on top of the profile's (repeatable; the grid is their product)")
+    sw.add_argument("--cases", type=int, default=8, help="held-out cases, balanced over sources (default 8)")
+    sw.add_argument("--seed", type=int, default=7, help="seed of the held-out order (default 7)")
+    sw.add_argument("--out", default=None, help="output folder (default results/<profile>/<model>/sweep)")
+    sw.add_argument("--perturb", type=float, default=0.0, metavar="REL",
+                    help="multiply every weight by (1 + REL·z), z ~ N(0,1) seeded, before the sweep (e.g. 1e-6), to "
+                         "measure how far results move on numerics alone; rows go to sweep/perturb-REL-sSEED/")
+    sw.add_argument("--perturb-seed", type=int, default=0, help="seed of the --perturb noise (default 0)")
+    sw.set_defaults(func=cmd_sweep)
+
+
