@@ -136,11 +136,13 @@ def parse_cell_id(cell: Any, error: type[UserError] = CellNameError) -> CellId:
 
 
 def seeded_cells(cells: list[str], seeds: list[int], unseeded: tuple[str, ...] = ("none",)) -> list[str]:
-    """The cell list a profile with template ``seeds`` must have: every editor cell once per seed (the first seed
-    as the plain name, the others as ``<cell>.s<seed>``); the editors in ``unseeded`` (no randomness) once."""
+    """The cell list a profile with template ``seeds`` must have: every single-edit editor cell once per seed (the
+    first seed as the plain name, the others as ``<cell>.s<seed>``); the editors in ``unseeded`` (no randomness)
+    and streams and batches (one per cell: a stream costs what a whole single-edit cell costs) once."""
     out = []
     for cell in cells:
         out.append(cell)
-        if parse_cell(cell).editor not in unseeded:
+        c = parse_cell(cell)
+        if c.editor not in unseeded and c.mode.kind == SINGLE:
             out += [f"{cell}.s{s}" for s in seeds[1:]]
     return out

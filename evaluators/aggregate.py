@@ -290,19 +290,32 @@ def format_table(summary: Mapping) -> str:
         models.setdefault(mkey, [])
     blocks = []
     for mkey in sorted(models):
-        entries = sorted(models[mkey], key=lambda ci: _editor_order(ci[1]))
         pre = summary.get("pre", {}).get(mkey)
-        for pid in summary["protocol_ids"]:
-            cols = _columns(pid)
-            lines = [f"### {mkey} — protocol `{pid}`", "",
-                     "| editor | " + " | ".join(cols) + " | cases |",
-                     "|---|" + "---:|" * (len(cols) + 1)]
-            if pre is not None:
-                lines.append(_row(PRE_LABEL, pre.get(pid), cols, pre["n_cases"]))
-            for _, info in entries:
-                lines.append(_row(info["editor"], info.get(pid), cols, info["n_cases"], info.get("drift")))
-            blocks.append("\n".join(lines) + "\n")
+        by_mode: dict[str, list[Mapping]] = {}  # "" = one edit at a time; then one table per stream/batch regime
+        for _, info in sorted(models[mkey], key=lambda ci: _editor_order(ci[1])):
+            by_mode.setdefault(info.get("mode", ""), []).append(info)
+        for mode in sorted(set(by_mode) | {""}):
+            for pid in summary["protocol_ids"]:
+                cols = _columns(pid)
+                title = f"### {mkey} — protocol `{pid}`" if not mode else \
+                    f"### {mkey} — protocol `{pid}+{mode}` ({_mode_label(mode)}; not comparable with single edits)"
+                lines = [title, "", "| editor | " + " | ".join(cols) + " | cases |",
+                         "|---|" + "---:|" * (len(cols) + 1)]
+                if pre is not None:
+                    lines.append(_row(PRE_LABEL, pre.get(pid), cols, pre["n_cases"]))
+                for info in by_mode.get(mode, []):
+                    lines.append(_row(info["editor"], info.get(pid), cols, info["n_cases"], info.get("drift")))
+                blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
+
+
+def _mode_label(tag: str) -> str:
+    """"seq16-final" → the regime in words (basis.cells.Mode.label)."""
+    from basis.cells import Mode
+
+    kind_size, timing = tag.rsplit("-", 1)
+    kind = kind_size.rstrip("0123456789")
+    return Mode(kind, int(kind_size[len(kind):]), timing).label
 
 
 def format_spread(m: Mapping | None, scale: float = 100.0, digits: int = 1) -> str:

@@ -176,17 +176,24 @@ def test_memit_sequential_over_10_cases_matches_a_hand_run_loop(tiny, pre, mirro
     assert rows[0]["cell"] == "test/tiny/memit.seq10"
     assert [r["editor"]["diagnostics"]["stream_position"] for r in rows] == list(range(10))
 
-    # by hand: ten MEMIT edits one after the other, no restore, then every case scored on the edited model
+    # by hand: ten MEMIT edits one after the other, no restore, then every case scored on the edited model, and
+    # attention drift measured from the unedited model (states taken before the first edit) to the edited one
+    from evaluators.drift import DriftProbe
+
+    probe = DriftProbe(model, tok)
+    states = [probe.before(c) for c in PRE_CASES]
     editor, ctx, handles = Memit(), EditContext(model), []
     for case in PRE_CASES:
         handles.append(editor.apply(model, tok, [case], hp, ctx))
         ctx.push(handles[-1])
     scorer = ProbeScorer(model, tok, batch_size=32)
     by_hand = [scorer.score_case(c) for c in PRE_CASES]
+    drift = [probe.after(st) for st in states]
     for h in reversed(handles):
         h.restore()
     assert model_state(model) == before
     assert [r["post"] for r in rows] == by_hand
+    assert [r["editor"]["diagnostics"]["attn_drift"] for r in rows] == drift
     assert [r["editor"]["diagnostics"]["update_norms"] for r in rows] == [h.diagnostics["update_norms"]
                                                                           for h in handles]
     # the stream is not ten independent edits: the last case's scores differ from a single-case run's

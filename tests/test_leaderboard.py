@@ -534,3 +534,24 @@ def test_leaderboard_room_never_imports_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_stream_cell_gets_its_own_protocol_table_and_labelled_group(tmp_path):
+    """Issue 12: a sequential cell's evaluation timing is part of its protocol id, summary.md gives it a table of its
+    own, and the site lists it apart with the regime as a badge; single-edit tables are unchanged by it."""
+    files = cells(tmp_path)
+    stream = write_result_file(tmp_path / "results" / "memit.seq16.jsonl", "paper/gpt-j-6b/memit.seq16", N,
+                               damage=0.6)
+    alone = aggregate(files, tmp_path / "a.json", tmp_path / "a.md")
+    both = aggregate(files + [stream], tmp_path / "b.json", tmp_path / "b.md")
+    entry = both["cells"]["paper/gpt-j-6b/memit.seq16"]
+    assert entry["mode"] == "seq16-final" and entry["paper"]["protocol"] == "paper+seq16-final"
+    assert "mode" not in both["cells"]["paper/gpt-j-6b/rome"]
+    md_a, md_b = (tmp_path / "a.md").read_text(), (tmp_path / "b.md").read_text()
+    assert "### paper/gpt-j-6b — protocol `paper+seq16-final` (sequential stream of 16 edits, evaluated after all " \
+           "16 edits; not comparable with single edits)" in md_b
+    single = md_b.split("### paper/gpt-j-6b — protocol `paper`")[1].split("###")[0]
+    assert "| memit.seq16 |" not in single and single in md_a  # the single-edit table is as before
+    out = build(tmp_path, files + [stream], paper_csv=None)
+    index = (out / "index.html").read_text()
+    assert "seq16-final: sequential stream of 16 edits, evaluated after all 16 edits" in html.unescape(index)
