@@ -17,21 +17,30 @@ def _card(params) -> dict:
     return read_json(path)
 
 
-def _subset_cases(params, profile):
-    from data_pipeline.dataset import load_cases
-
-    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+def _subset_ids(profile) -> list[str] | None:
+    """The case ids of a profile's subset file, checked (None when the file is not built yet)."""
     sp = profile.subset_path()
     if not sp.is_file():
-        raise UserError(f"{sp} not found: run `driftbench dataset subset -p {profile.name}` first")
+        return None
     doc = read_json(sp)
     ids = doc.get("case_ids") if isinstance(doc, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise UserError(f"{sp}: expected {{\"case_ids\": [...]}}; rerun `driftbench dataset subset -p {profile.name}`")
+    return ids
+
+
+def _subset_cases(params, profile):
+    from data_pipeline.dataset import load_cases
+
+    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+    ids = _subset_ids(profile)
+    if ids is None:
+        raise UserError(f"{profile.subset_path()} not found: run `driftbench dataset subset -p {profile.name}` first")
     by_id = {c.case_id: c for c in cases}
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise UserError(f"{sp} names case {missing[0]} which is not in the dataset: rerun `driftbench dataset subset`")
+        raise UserError(f"{profile.subset_path()} names case {missing[0]} which is not in the dataset: rerun "
+                        "`driftbench dataset subset`")
     return [by_id[i] for i in ids]
 
 
@@ -125,10 +134,10 @@ def _profile_cases(params, cases_path=None) -> dict[str, set] | None:
     out = {}
     for name in params.get("profiles") or {}:
         profile = get_profile(params, name)
-        sp = profile.subset_path()
         size = int(profile.raw.get("subset_size") or 0)
-        if sp.is_file():
-            out[name] = set(read_json(sp)["case_ids"])
+        ids = _subset_ids(profile)
+        if ids is not None:
+            out[name] = set(ids)
         else:
             out[name] = set(stratified_subset(cases, size, int(profile.raw.get("seed", 0))) if size
                             else (c.case_id for c in cases))
