@@ -93,7 +93,7 @@ class CellName:
 
 def parse_cell(name: Any, where: str = "cell") -> CellName:
     """``"memit+sadr.seq16.s2"`` → CellName("memit", True, Mode("seq", 16, "final"), 2); errors name ``where``."""
-    m = _NAME.match(name) if isinstance(name, str) else None
+    m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if m is None:
         raise CellNameError(f"{where} {name!r} is not a cell name: expected <editor>[+sadr][.seq<T>[-each]|.batch<B>]"
                             "[.s<seed>], e.g. rome+sadr, memit.seq16 or rome.s1 (letters, digits, '-' and '_' only)")
@@ -106,6 +106,8 @@ def parse_cell(name: Any, where: str = "cell") -> CellName:
     if mode.size < 1:
         raise CellNameError(f"{where} {name!r}: a stream or batch needs at least one case")
     cell = CellName(m["editor"], bool(m["sadr"]), mode, None if m["seed"] is None else int(m["seed"]))
+    if str(cell) != name:  # "rome.s01", "memit.seq016": one spelling per cell, so file name and cell id agree
+        raise CellNameError(f"{where} {name!r}: write it {str(cell)!r} (numbers without leading zeros)")
     if cell.editor == "none" and (cell.sadr or mode.kind != SINGLE):
         raise CellNameError(f"{where} {name!r}: the unedited baseline 'none' has no SADR, sequential or batch "
                             "variant; use 'none'")

@@ -106,6 +106,9 @@ class EditHandle:
     def reverted(self) -> Iterator[None]:
         """The model as before this edit for the duration of the block, then edited again (bit-exactly): used to
         take SADR's reference attention from the unedited model in the middle of a stream of edits."""
+        if self.resets:
+            raise RuntimeError("an edit with side-state resets (EditHandle.on_restore) cannot be reverted for a "
+                               "moment: SADR's reference in a stream needs its weights or modules only")
         edited = {n: p.detach().clone() for n, p in self.params.items()}
         self._put_back()
         try:

@@ -10,8 +10,9 @@ Reliability contract (design.md §6):
 - each unit's rows go atomically to their own part file and the output is merged once, in subset order, so it is
   byte-identical whatever the history of interruptions or sharding, and a failed run (bad hparams, a bug, kill -9)
   leaves the finished output exactly as it was; everything checkable is checked before any output is touched;
-- after every unit the model's parameters, module tree and editor state are compared with before: always for
-  streams and batches, per case with ``verify_restore``;
+- after every unit (a case, a stream, a batch) the model's parameters, buffers, module tree, hooks and the
+  editor's state are compared with the state before the run's first unit (``verify_restore`` is kept for callers;
+  the check is always on: a wrong restore would make results depend on the order and sharding of units);
 - timings (which vary run to run) go to a sidecar ``*.timings.jsonl`` so the results file itself stays reproducible.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def environment(model) -> dict[str, Any]:
 ROOT = Path(__file__).resolve().parents[1]
 # the source that determines a result row (the same paths are the DVC dependencies of the pre_eval/cell stages)
 SCORING_CODE = ("evaluators/probes.py", "evaluators/scoring.py", "evaluators/generation.py", "evaluators/harness.py",
-                "evaluators/runner.py", "model_layer")
+                "evaluators/runner.py", "model_layer", "basis/io.py", "basis/cells.py")
 # what every editor cell runs besides its editor's own files (`Editor.code_files`)
 EDITOR_CORE = ("evaluators/drift.py", "editors/__init__.py", "editors/base.py", "editors/core.py", "editors/sadr.py",
                "editors/stats.py")
@@ -151,7 +152,7 @@ def _ppl_texts(ppl_corpus: str | Path | None) -> tuple[list[str] | None, str | N
 def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out_path: Path,
             batch_size: int = 32, progress: bool = True, model_id: str | None = None,
             ppl_corpus: str | Path | None = None, parts: Path | None = None,
-            shard: tuple[int, int] = (0, 1)) -> list[dict] | None:
+            shard: tuple[int, int] = (0, 1), expect_fingerprint: str | None = None) -> list[dict] | None:
     """Score every case on the unedited model once; every cell of this model reuses these rows. Returns the rows,
     or None while other shards' units are missing.
 
@@ -177,7 +178,7 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
 
     plan = runner.make_plan(fp, list(by_id))
     return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, shard, progress,
-                      desc=f"pre-edit {model_name}")["rows"]
+                      desc=f"pre-edit {model_name}", expect_fingerprint=expect_fingerprint)["rows"]
 
 
 def _pre_rows(pre_path: Path, cases: list[Case]) -> dict[str, dict]:
@@ -192,7 +193,8 @@ def _pre_rows(pre_path: Path, cases: list[Case]) -> dict[str, dict]:
 
 
 def run_none(spec: CellSpec, cases: list[Case], pre_path: Path, out_path: Path, progress: bool = True,
-             parts: Path | None = None) -> list[dict] | None:
+             parts: Path | None = None, shard: tuple[int, int] = (0, 1),
+             expect_fingerprint: str | None = None) -> list[dict] | None:
     """The unedited baseline from the pre-edit rows (no edit, so nothing to score again): post = pre, with the
     row schema of every cell. tests/test_harness.py keeps a scored run of `none` to check that they agree."""
     from editors.base import get_editor
@@ -211,8 +213,8 @@ def run_none(spec: CellSpec, cases: list[Case], pre_path: Path, out_path: Path, 
         return rows, [{} for _ in rows]
 
     plan = runner.make_plan(fp, [c.case_id for c in cases])
-    return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, progress=progress,
-                      desc=spec.cell_id)["rows"]
+    return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, shard, progress,
+                      desc=spec.cell_id, expect_fingerprint=expect_fingerprint)["rows"]
 
 
 def prepare_cell(model, tok, spec: CellSpec, editor=None):
@@ -227,11 +229,19 @@ def prepare_cell(model, tok, spec: CellSpec, editor=None):
     if spec.mode.kind == "seq" and "sequential" not in caps:
         raise UserError(f"editor {spec.editor!r} cannot edit sequentially (no 'sequential' capability): drop "
                         f"'.{spec.mode.suffix}' from the cell name")
+    from editors.base import LegacyEditor
+
+    if spec.sadr and spec.mode.kind != SINGLE and isinstance(editor, LegacyEditor):
+        raise UserError(f"editor {spec.editor!r} (first contract) builds its own SADR loss, whose reference would "
+                        "be the edited model in the middle of a stream: run it with '+sadr' one case at a time, "
+                        "or port it to editors.base.Editor")
     if spec.mode.kind == "batch" and "batch" not in caps:
         raise UserError(f"editor {spec.editor!r} cannot edit a batch of cases at once (no 'batch' capability): use "
                         f"'.seq{spec.mode.size}' instead of '.{spec.mode.suffix}'")
     editor.check_hparams(model, spec.hparams)
-    artefacts = {a.path: a.sha256() for a in editor.artefacts(model, tok, spec.hparams)} if model is not None else {}
+    # by file name (content-named), not path: where a worker keeps its stats folder does not enter the fingerprint
+    artefacts = ({Path(a.path).name: a.sha256() for a in editor.artefacts(model, tok, spec.hparams)}
+                 if model is not None else {})
     return editor, artefacts
 
 
@@ -258,14 +268,15 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
                       "code": code_identity(CELL_CODE, tuple(editor.code_files())), "ppl_corpus": corpus_sha})
     probe = DriftProbe(model, tok) if spec.editor != "none" else None
     mode = spec.mode
-    check = verify_restore or mode.kind != SINGLE
     by_id = {c.case_id: c for c in cases}
+    clean: list = []  # the model's state before the first unit of this run; every unit must leave it as it was
 
     def compute(unit: runner.Unit):
         from editors.base import EditContext
 
         unit_cases = [by_id[c] for c in unit.case_ids]
-        before = model_state(model, editor) if check else None
+        if not clean:
+            clean.append(model_state(model, editor))
         states = {c.case_id: probe.before(c) for c in unit_cases} if probe is not None else {}
         post, diag, tim = {}, {}, {c.case_id: {} for c in unit_cases}
 
@@ -279,27 +290,29 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
 
         ctx = EditContext(model, sadr)
         groups = [unit_cases] if mode.kind == "batch" else [[c] for c in unit_cases]
-        for position, group in enumerate(groups):
-            t0 = time.perf_counter()
-            handle = editor.apply(model, tok, group, hparams, ctx)
-            ctx.push(handle)
-            for i, case in enumerate(group):
-                diag[case.case_id] = dict(handle.diagnostics)
-                if mode.kind == "seq":
-                    diag[case.case_id]["stream_position"] = position
-                elif mode.kind == "batch":
-                    diag[case.case_id]["batch_position"] = i
-                tim[case.case_id].update(edit_s=time.perf_counter() - t0, editor=handle.timings)
-            if mode.timing == "each":
-                for case in group:
+        try:
+            for position, group in enumerate(groups):
+                t0 = time.perf_counter()
+                handle = editor.apply(model, tok, group, hparams, ctx)
+                ctx.push(handle)
+                for i, case in enumerate(group):
+                    diag[case.case_id] = dict(handle.diagnostics)
+                    if mode.kind == "seq":
+                        diag[case.case_id]["stream_position"] = position
+                    elif mode.kind == "batch":
+                        diag[case.case_id]["batch_position"] = i
+                    tim[case.case_id].update(edit_s=time.perf_counter() - t0, editor=handle.timings)
+                if mode.timing == "each":
+                    for case in group:
+                        evaluate(case)
+            if mode.timing == "final":
+                for case in unit_cases:
                     evaluate(case)
-        if mode.timing == "final":
-            for case in unit_cases:
-                evaluate(case)
-        t0 = time.perf_counter()
-        ctx.restore_all()
-        tim[unit_cases[-1].case_id]["restore_s"] = time.perf_counter() - t0
-        if check and model_state(model, editor) != before:
+        finally:  # whatever happens, the model leaves the unit unedited (a failing unit must not poison the next)
+            t0 = time.perf_counter()
+            ctx.restore_all()
+            tim[unit_cases[-1].case_id]["restore_s"] = time.perf_counter() - t0
+        if model_state(model, editor) != clean[0]:
             raise RuntimeError(f"{spec.cell_id} unit {unit.key}: the model differs after restore() "
                                f"(undo kind {editor.undo!r}): the editor's restore is not exact")
         rows = [{"cell": spec.cell_id, "case_id": c.case_id, "source": c.source, "pre": pre[c.case_id]["scores"],

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from basis.cells import SINGLE, Mode
 from basis.errors import UserError
-from basis.io import OutputLock, atomic_write_json, atomic_write_jsonl, dumps_line, read_json, read_jsonl, sha256_text
+from basis.io import OutputLock, atomic_write_jsonl, atomic_write_text, dumps_line, read_json, read_jsonl, sha256_text
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 
@@ -94,14 +94,16 @@ class PartStore:
         return part
 
     def write(self, unit: Unit, rows: list[dict], timings: list[dict]) -> None:
-        atomic_write_json(self.path(unit), {"fingerprint": self.fingerprint, "unit": unit.key,
-                                            "rows": rows, "timings": timings}, indent=None)
+        """Atomically; NaN/Infinity refused here (ValueError) so a part that could not be read back never exists."""
+        atomic_write_text(self.path(unit), dumps_line({"fingerprint": self.fingerprint, "unit": unit.key,
+                                                       "rows": rows, "timings": timings}) + "\n")
 
 
 def adopt(out_path: Path, plan: Plan, store: PartStore) -> int:
     """Turn rows of an existing output written with the plan's fingerprint into parts (outputs restored by DVC or
-    written before parts existed), so a finished output is never recomputed; returns the units adopted."""
-    if not out_path.is_file():
+    written before parts existed), so a finished output is never recomputed; returns the units adopted. Only
+    single-case units: a stream's rows depend on the whole stream, which the file does not record."""
+    if not out_path.is_file() or any(u.kind != SINGLE for u in plan.units):
         return 0
     rows = {r.get("case_id"): r for r in read_jsonl(out_path)
             if isinstance(r, dict) and r.get("fingerprint") == plan.fingerprint}
@@ -119,19 +121,19 @@ def _in_unit(row: dict) -> bool:
     return isinstance(diag, dict) and bool({"stream_position", "batch_position"} & set(diag))
 
 
-def bank(rows: list[dict], root: Path, keep: str) -> None:
-    """Keep the rows of an output about to be replaced that were made under other fingerprints than ``keep``: each
-    under its own fingerprint's folder, as the part of its single-case unit (reused if that configuration comes
-    back), or — rows of streams and batches, whose units cannot be rebuilt from the file — all together in
-    ``banked-<digest>.json``. So replacing an output never deletes a finished row."""
+def bank(rows: list[dict], root: Path) -> None:
+    """Keep every row of an output about to be replaced: under its fingerprint's folder as the part of its
+    single-case unit (reused if that configuration and case come back) unless that part exists; rows of streams
+    and batches, whose units cannot be rebuilt from the file, and rows without a usable fingerprint all together in
+    ``banked-<digest>.json`` (the latter under ``_unfingerprinted``). So replacing an output never deletes a row."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if isinstance(r, dict) and isinstance(r.get("fingerprint"), str) and r["fingerprint"] != keep \
-                and _SAFE.match(r["fingerprint"]):
-            groups.setdefault(r["fingerprint"], []).append(r)
+        fp = r.get("fingerprint") if isinstance(r, dict) else None
+        groups.setdefault(fp if isinstance(fp, str) and _SAFE.match(fp) else "_unfingerprinted", []).append(r)
     for fp, grp in groups.items():
         store = PartStore(root, fp)
-        if all(isinstance(r.get("case_id"), str) and not _in_unit(r) for r in grp):
+        if fp != "_unfingerprinted" and all(isinstance(r.get("case_id"), str) and _SAFE.match(r["case_id"])
+                                            and not _in_unit(r) for r in grp):
             for r in grp:
                 unit = Unit(0, (r["case_id"],))
                 if not store.path(unit).is_file():
@@ -140,7 +142,15 @@ def bank(rows: list[dict], root: Path, keep: str) -> None:
             body = dumps_line(grp)
             path = store.dir / f"banked-{sha256_text(body)[:16]}.json"
             if not path.is_file():
-                atomic_write_json(path, {"fingerprint": fp, "rows": grp}, indent=None)
+                atomic_write_text(path, dumps_line({"fingerprint": fp, "rows": grp}) + "\n")
+
+
+def check_fingerprint(plan: Plan, expect: str | None, desc: str) -> None:
+    """A worker runs only the driver's plan: refuse when its own fingerprint differs (before anything is written)."""
+    if expect is not None and expect != plan.fingerprint:
+        raise UserError(f"{desc}: this worker's fingerprint is {plan.fingerprint} but the driver planned {expect}: "
+                        "its code, installed packages, hyper-parameters or data differ; install the same lock and "
+                        "checkout on every worker")
 
 
 def execute(plan: Plan, store: PartStore, compute: Callable[[Unit], tuple[list[dict], list[dict]]],
@@ -149,10 +159,7 @@ def execute(plan: Plan, store: PartStore, compute: Callable[[Unit], tuple[list[d
     """Run ``compute(unit) -> (rows, timings)`` for every unit of this shard without a part; returns units run."""
     from tqdm.auto import tqdm
 
-    if expect_fingerprint is not None and expect_fingerprint != plan.fingerprint:
-        raise UserError(f"{desc}: this worker's fingerprint is {plan.fingerprint} but the driver planned "
-                        f"{expect_fingerprint}: its code, installed packages, hyper-parameters or data differ; "
-                        "install the same lock and checkout on every worker")
+    check_fingerprint(plan, expect_fingerprint, desc)
     mine = plan.shard(*shard)
     todo = [u for u in mine if store.read(u) is None]
     n_cases = sum(len(u.case_ids) for u in mine)
@@ -184,11 +191,12 @@ def merge(out_path: Path, plan: Plan, store: PartStore) -> list[dict] | None:
     if [r["case_id"] for r in rows] != list(plan.case_ids):  # cannot happen: units cover the plan in order
         raise RuntimeError(f"{out_path}: parts do not cover the plan's cases in order")
     timings = [t for p in parts for t in p.get("timings", [])]
-    with OutputLock(store.dir.parent / ".merge.lock", str(out_path), wait=True):
+    # one lock per output file (whatever parts folder a caller uses), beside it in a folder git and DVC ignore
+    with OutputLock(out_path.parent / ".locks" / f"{out_path.name}.lock", str(out_path), wait=True):
         current = list(read_jsonl(out_path)) if out_path.is_file() else None
         if current != rows:
             if current:
-                bank(current, store.dir.parent, plan.fingerprint)
+                bank(current, store.dir.parent)
             atomic_write_jsonl(out_path, rows)
         if timings:
             atomic_write_jsonl(out_path.with_name(out_path.stem + ".timings.jsonl"), timings)
@@ -203,8 +211,10 @@ def run(out_path: Path, parts_root: Path, plan: Plan, compute: Callable[[Unit], 
         shard: tuple[int, int] = (0, 1), progress: bool = True, desc: str = "",
         expect_fingerprint: str | None = None) -> dict[str, Any]:
     """execute this shard, then merge if every unit is done; returns {"ran", "rows" (or None), "missing"}."""
+    check_fingerprint(plan, expect_fingerprint, desc)
     store = PartStore(parts_root, plan.fingerprint)
     adopt(Path(out_path), plan, store)
-    ran = execute(plan, store, compute, shard, progress, desc, expect_fingerprint)
+    ran = execute(plan, store, compute, shard, progress, desc)
     rows = merge(Path(out_path), plan, store)
-    return {"ran": ran, "rows": rows, "missing": [] if rows is not None else missing_units(plan, store)}
+    return {"ran": ran, "rows": rows, "missing": [] if rows is not None else missing_units(plan, store),
+            "fingerprint": plan.fingerprint}

@@ -36,9 +36,14 @@ def _library_hook(fn) -> bool:
 
 def model_state(model: torch.nn.Module, editor=None) -> tuple[str, str, str | None]:
     """What a restore must bring back bit-exactly, for every kind of undo: the parameters (weight edits), the module
-    tree — each submodule's name, class, identity and registered hooks — (module swaps, routers), and the editor's
-    side state (state resets)."""
+    tree — each submodule's name, class, identity, registered hooks and buffers — (module swaps, routers), and the
+    editor's side state (state resets)."""
     tree = hashlib.sha256()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            t = b.detach().contiguous().cpu()
+            tree.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            tree.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for name, m in model.named_modules():
         hooks = [[k for k, fn in getattr(m, attr, {}).items() if not _library_hook(fn)]
                  for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")]

@@ -21,7 +21,8 @@ def test_names_parse_and_print_back(name, editor, sadr, kind, size, timing, seed
 
 
 @pytest.mark.parametrize("bad", ["", "rome+sadr+sadr", "../rome", "rome.seq0", "rome.seq", "rome.s", "rome sadr",
-                                 "rome.batch4-each", "none+sadr", "none.seq4", "rome.s1.seq4", 3, None])
+                                 "rome.batch4-each", "none+sadr", "none.seq4", "rome.s1.seq4", "rome\n", "rome.s01",
+                                 "memit.seq016", 3, None])
 def test_bad_names_are_one_line_errors(bad):
     with pytest.raises(CellNameError, match="cell"):
         parse_cell(bad)

@@ -262,7 +262,7 @@ def test_sadr_reference_in_a_stream_is_the_unedited_model(tiny, mirror, tmp_path
 def test_adding_an_editor_changes_no_other_cells_fingerprint(tmp_path, monkeypatch):
     import evaluators.harness as harness
 
-    for rel in ("editors", "evaluators", "model_layer"):
+    for rel in ("editors", "evaluators", "model_layer", "basis"):
         shutil.copytree(ROOT / rel, tmp_path / rel, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(harness, "ROOT", tmp_path)
 
@@ -297,3 +297,41 @@ def test_each_cell_stage_depends_on_exactly_the_code_its_fingerprint_hashes():
             files.update(p.rglob("*.py") if p.is_dir() else [p])
         assert files == set(cell_code_files(get_editor(item["editor"]))), cell
         assert not any("dummy" in str(f) for f in files)
+
+
+def test_a_failing_stream_still_leaves_the_model_unedited(tiny, pre, tmp_path, monkeypatch):
+    """An editor that raises at the third edit of a stream: the two earlier edits are undone anyway."""
+    class Failing(SwapEditor):
+        name = "failing"
+        calls = 0
+
+        def apply(self, model, tok, cases, hparams, ctx):
+            Failing.calls += 1
+            if Failing.calls == 3:
+                raise RuntimeError("boom")
+            return super().apply(model, tok, cases, hparams, ctx)
+
+    model, _ = tiny
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(tiny, pre, tmp_path, monkeypatch, Failing, "failing.seq3")
+    assert model_state(model) == before
+
+
+def test_first_contract_sadr_is_refused_in_streams_and_state_edits_cannot_be_reverted(tiny, pre, tmp_path,
+                                                                                      monkeypatch):
+    class OldSadr:
+        name, supports_sadr = "oldsadr", True
+
+        def edit(self, model, tok, case, hparams):
+            return EditHandle()
+
+    with pytest.raises(Exception, match="builds its own SADR loss"):
+        _run(tiny, pre, tmp_path, monkeypatch, OldSadr, "oldsadr+sadr.seq2")
+    model, tok = tiny
+    ctx = EditContext(model)
+    ctx.push(MemoryEditor().apply(model, tok, PRE_CASES[:1], {}, ctx))
+    with pytest.raises(RuntimeError, match="cannot be reverted"):
+        with ctx.unedited():
+            pass
+    ctx.restore_all()

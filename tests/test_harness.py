@@ -228,7 +228,8 @@ def test_kill9_then_resume_gives_byte_identical_files(tmp_path, reference, data,
     timing_ids = [t["case_id"] for t in read_jsonl(work / "none.timings.jsonl")]
     assert timing_ids == [c.case_id for c in data.cases]  # timings travel in the parts: every case once
     # pre.jsonl was complete, so pre computed nothing; its rows became parts, no timings file
-    assert sorted(p.name for p in work.iterdir()) == [".parts", "none.jsonl", "none.timings.jsonl", "pre.jsonl"]
+    assert sorted(p.name for p in work.iterdir()) == [".locks", ".parts", "none.jsonl", "none.timings.jsonl",
+                                                     "pre.jsonl"]
     assert _n_parts(parts) == N_CASES and _n_parts(work / ".parts" / "pre") == N_CASES
 
 

@@ -58,7 +58,7 @@ def cmd_leaderboard(args, params):
                           profile_cases=_profile_cases(params),
                           dataset_cases=cases, log=(lambda m: None) if args.quiet else print)
     except BundleError as exc:
-        raise UserError(f"{exc}\nfix or remove the bundle, or pass --skip-invalid to build without it")
+        raise UserError(str(exc), hint="fix or remove the bundle, or pass --skip-invalid to build without it")
     kinds = {}
     for e in data.entries:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1

@@ -28,7 +28,8 @@ def cmd_evaluate_pre(args, params):
     name, model, tok = _load(profile, args.model)
     rows = run_pre(model, tok, name, content_id, cases, out, ppl_corpus=ppl,
                    batch_size=int(profile.raw.get("batch_size", 32)), progress=not args.no_progress,
-                   model_id=_model_id(profile, name), parts=_parts(profile, name, "pre.jsonl"), shard=shard)
+                   model_id=_model_id(profile, name), parts=_parts(profile, name, "pre.jsonl"), shard=shard,
+                   expect_fingerprint=args.fingerprint)
     _report(f"pre-edit {name}", rows, out)
 
 
@@ -37,7 +38,8 @@ def _report(what: str, rows, out: Path) -> None:
         print(f"{what}: this shard is done; other shards' units are still missing, so {out} is not written yet "
               "(the last shard to finish writes it; or rerun without --shard)")
     else:
-        print(f"{what}: {len(rows)} cases -> {out}")
+        fps = sorted({r.get("fingerprint") for r in rows})
+        print(f"{what}: {len(rows)} cases -> {out} (fingerprint {', '.join(map(str, fps))})")
 
 
 def cell_spec(params, profile, name: str, cell: str):
@@ -71,7 +73,8 @@ def cmd_run_cell(args, params):
         pre = _limited(profile, name, pre, args.limit)
     parts = _parts(profile, name, f"cells/{args.cell}.jsonl")
     if spec.editor == "none":  # post = pre: no model needed
-        rows = run_none(spec, cases, pre, out, progress=not args.no_progress, parts=parts)
+        rows = run_none(spec, cases, pre, out, progress=not args.no_progress, parts=parts, shard=shard,
+                        expect_fingerprint=args.fingerprint)
         return _report(spec.cell_id, rows, out)
     content_id, ppl = _card(params)["content_id"], _ppl_corpus(params)
     name, model, tok = _load(profile, args.model)
@@ -167,6 +170,8 @@ def register(sub, add, with_profile) -> None:
                        progress=True, limit=True)
     pre.add_argument("--shard", default=None, metavar="I/N", help="run only units I, I+N, ... (1-based; e.g. 2/4); "
                      "the last shard to finish writes the output")
+    pre.add_argument("--fingerprint", default=None, metavar="FP", help="refuse to run unless this worker's "
+                     "fingerprint is FP (the driver's)")
     pre.set_defaults(func=cmd_evaluate_pre)
 
     rc = with_profile(add(sub, "run-cell", "edit, score and restore every case of one cell (resumable)"),
@@ -181,7 +186,8 @@ def register(sub, add, with_profile) -> None:
     rc.add_argument("--fingerprint", default=None, metavar="FP", help="refuse to run unless this worker's "
                     "fingerprint is FP (the driver's; catches workers with other code, packages or data)")
     rc.add_argument("--verify-restore", action="store_true",
-                    help="checksum all parameters after each restore and stop if they differ from the original")
+                    help="kept for scripts: the check is always on (after every case, stream or batch, parameters, "
+                    "buffers, module tree, hooks and editor state are compared with the unedited model's)")
     rc.set_defaults(func=cmd_run_cell)
 
     tr = with_profile(add(sub, "trace", "causal tracing of MLP outputs on known facts (chooses the edit layer; plot)"),
