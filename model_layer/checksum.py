@@ -6,14 +6,19 @@ import hashlib
 import torch
 
 
+@torch.no_grad()
+def _hash_tensors(h, named) -> None:
+    """Feed each (name, tensor)'s name, dtype, shape and raw bytes into the hash ``h``."""
+    for name, p in named:
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def param_checksum(model: torch.nn.Module) -> str:
     """sha256 over every parameter's name, dtype, shape and raw bytes, in ``named_parameters`` order."""
     h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            t = p.detach().contiguous().cpu()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    _hash_tensors(h, model.named_parameters())
     return h.hexdigest()
 
 
@@ -39,11 +44,7 @@ def model_state(model: torch.nn.Module, editor=None) -> tuple[str, str, str | No
     tree — each submodule's name, class, identity, registered hooks and buffers — (module swaps, routers), and the
     editor's side state (state resets)."""
     tree = hashlib.sha256()
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            t = b.detach().contiguous().cpu()
-            tree.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            tree.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    _hash_tensors(tree, model.named_buffers())
     for name, m in model.named_modules():
         hooks = [[k for k, fn in getattr(m, attr, {}).items() if not _library_hook(fn)]
                  for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")]
