@@ -10,6 +10,8 @@ import yaml
 from basis.cells import parse_cell, seeded_cells
 from basis.errors import UserError
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # model_layer.loading.DTYPES maps them to torch dtypes
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -103,6 +105,9 @@ def check_profile(profile: "Profile") -> None:
     for key, m in models.items():
         if not isinstance(m.get("ref"), str) or not m["ref"]:
             raise UserError(f"{where}.models.{key}.ref must be a model reference (embedded name, folder or hub id)")
+        for field in ("dtype", "run_dtype"):
+            if field in m and m[field] not in DTYPE_NAMES:
+                raise UserError(f"{where}.models.{key}.{field} must be one of {list(DTYPE_NAMES)}, got {m[field]!r}")
     cells = raw.get("cells") or []
     if not isinstance(cells, list):
         raise UserError(f"{where}.cells must be a list of cell names")
@@ -115,6 +120,12 @@ def check_profile(profile: "Profile") -> None:
                                                                                           for e in v.values())
                                                             for v in hp.values() if v is not None)):
         raise UserError(f"{where}.hparams must map model -> editor -> {{name: value}}")
+
+
+def run_dtype(model: dict) -> str:
+    """The dtype edits and evaluation run in: ``run_dtype``, else the stored ``dtype``. Statistics (C) and causal
+    traces always use ``dtype``; δ stays fp32 and the solves fp64 whatever the run dtype."""
+    return model.get("run_dtype", model.get("dtype", "float32"))
 
 
 def check_profile_cells(profile: "Profile") -> None:

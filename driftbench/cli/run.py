@@ -92,7 +92,7 @@ def cmd_stats(args, params):
     from editors.base import get_editor
 
     profile = get_profile(params, args.profile)
-    name, model, tok = _load(profile, args.model)
+    name, model, tok = _load(profile, args.model, stored=True)  # C in the stored dtype
     editors = {parse_cell(c).editor for c in profile.raw.get("cells", [])}
     editors |= set((profile.raw.get("hparams") or {}).get(name) or {})
     for editor in sorted(editors):
@@ -150,7 +150,7 @@ def cmd_trace(args, params):
     from editors.tracing import known_facts, plot, trace
 
     profile = get_profile(params, args.profile)
-    name, model, tok = _load(profile, args.model)
+    name, model, tok = _load(profile, args.model, stored=True)
     cfg = profile.raw.get("trace", {})
     facts = known_facts(model, tok, resolve_mirror(params["data"]["mirror"]) / "rome" / "known_1000.json",
                         int(cfg.get("facts", 30)))
