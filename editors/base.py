@@ -152,12 +152,15 @@ class EditContext:
         return [SADRLoss(self.sadr["gamma"], hinge=self.sadr.get("hinge", True), first_layer=first_layer,
                          reference=reference)]
 
-    def _reference_attentions(self, batch) -> tuple:
-        from model_layer.attention import eager_attention
+    def _reference_attentions(self, batch, first_layer: int) -> dict:
+        """SADR's reference rows ``{layer: [N, H, T]}`` on ``batch`` from the model with this unit's edits reverted."""
+        from model_layer.attention import attention_rows
 
-        with torch.no_grad(), self.unedited(), eager_attention(self.model):
-            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              output_attentions=True, use_cache=False, logits_to_keep=1).attentions
+        rows = torch.arange(batch.n_rewrite, device=batch.query_idx.device)
+        with torch.no_grad(), self.unedited(), attention_rows(self.model, rows, batch.query_idx, first_layer) as att:
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                       logits_to_keep=1)
+        return dict(att)
 
     def push(self, handle: EditHandle) -> None:
         self.handles.append(handle)

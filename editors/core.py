@@ -22,6 +22,7 @@ Deliberate deviations from the reference (documented so numbers can be compared)
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from data_pipeline.schema import Case
 from editors.base import Artefact, Editor, HparamsError
+from model_layer.attention import attention_rows
 from model_layer.batching import right_pad
 from model_layer.hooks import capture, inject
 
@@ -132,9 +134,12 @@ def build_batch(tok, req: EditRequest, templates: Sequence[str], device) -> Batc
 
 
 class ExtraLoss(Protocol):
-    """A term added to the target-vector loss. ``needs_attentions``: the loop then runs eager attention and
-    passes per-layer attention probabilities [B, H, T, T]. Return None to add nothing at this step."""
+    """A term added to the target-vector loss. ``needs_attentions``: the loop then passes ``{layer: [N, H, T]}``,
+    the attention probabilities of each rewriting row's query position (``batch.query_idx``, the token predicting
+    the first target token) in every layer ``>= first_layer`` (model_layer.attention.attention_rows).
+    Return None to add nothing at this step."""
     needs_attentions: bool
+    first_layer: int
 
     def __call__(self, step: int, attentions: tuple[torch.Tensor, ...] | None, batch: Batch) -> torch.Tensor | None: ...
 
@@ -372,9 +377,11 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
     lab_ids = torch.tensor([t for ps in batch.label_pos for t in batch.labels[: len(ps)]], device=dev)
     n_t = len(batch.labels)
     need_attn = any(e.needs_attentions for e in extra_losses)
-    prev_impl = getattr(model.config, "_attn_implementation", None)
-    if need_attn and prev_impl != "eager":
-        model.set_attn_implementation("eager")
+    if need_attn:  # rows of the rewriting prompts' query positions, beside an SDPA forward
+        attn_ctx = attention_rows(model, torch.arange(batch.n_rewrite, device=dev), batch.query_idx,
+                                  min(e.first_layer for e in extra_losses if e.needs_attentions))
+    else:
+        attn_ctx = contextlib.nullcontext({})
     # gradients flow only to δ: with the weights frozen, backward skips every dW matmul (×1.55 per step on SmolLM2)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grad_flags:
@@ -383,12 +390,12 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
     kl_init = None
     it = 0
     try:
-        with inject(module, rows, batch.subject_idx, lambda: delta, on_first=first):
+        with inject(module, rows, batch.subject_idx, lambda: delta, on_first=first), attn_ctx as attn:
             for it in range(hp.v_num_grad_steps):
                 t0 = time.perf_counter()
                 opt.zero_grad()
                 out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep_t,
-                            output_attentions=need_attn, use_cache=False)
+                            use_cache=False)
                 logp = F.log_softmax(out.logits.float(), dim=-1)
                 nll = -logp[lab_rows, lab_cols, lab_ids].sum() / (n_t * batch.n_rewrite)
                 kl_logp = logp[kl_row, col[int(batch.subject_idx[kl_row])]].unsqueeze(0)
@@ -399,7 +406,7 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
                 loss = nll + kl + wd
                 parts = {"nll": nll.item(), "kl": kl.item(), "wd": wd.item()}
                 for extra in extra_losses:
-                    term = extra(it, out.attentions if need_attn else None, batch)
+                    term = extra(it, attn if extra.needs_attentions else None, batch)
                     if term is not None:
                         loss = loss + term
                         parts[type(extra).__name__] = term.item()
@@ -418,8 +425,6 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
     finally:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
-        if need_attn and prev_impl != "eager":
-            model.set_attn_implementation(prev_impl)
     return VResult(v_star=(v_init + delta).detach(), v_init=v_init, steps=it + 1, losses=losses, step_seconds=step_s)
 
 

@@ -10,8 +10,8 @@ subject's last token, where δ is injected):
     L_SADR    = Σ_l (1/N) Σ_j Σ_h m_{l,j,h} · Σ_k P[l,j,h,q_j,k] · log(P[l,j,h,q_j,k] / Q[l,j,h,q_j,k])
 
 with eps = 1e-8 added to P and Q (no renormalisation), weighted by γ, and no term at step 0.
-Everything is vectorised over layers, prompts and heads (no Python loops over heads); only the q_j rows of each
-attention map are kept. Layers at or below the edit layer cannot change (δ enters after their attention), so
+Everything is vectorised over layers, prompts and heads (no Python loops over heads); only the q_j rows are
+computed, beside an SDPA forward (model_layer.attention.attention_rows), never whole maps. Layers at or below the edit layer cannot change (δ enters after their attention), so
 their KL is exactly 0 and their mask exactly false: ``first_layer`` skips them without changing the value.
 Deviation: the KL is computed in fp32 even when the model runs in bf16 (the reference computes it in bf16).
 """
@@ -22,13 +22,7 @@ from typing import Callable
 import torch
 
 from editors.core import Batch
-
-
-def query_rows(attentions, batch: Batch, first_layer: int = 0) -> torch.Tensor:
-    """Rows q_j of each rewriting prompt's attention maps: [L', N, H, T] (fp32)."""
-    n = batch.n_rewrite
-    j = torch.arange(n, device=batch.query_idx.device)
-    return torch.stack([a[j, :, batch.query_idx, :] for a in attentions[first_layer:]]).float()
+from model_layer.attention import stack_rows
 
 
 def sadr_kl(p: torch.Tensor, q: torch.Tensor, subject_idx: torch.Tensor, hinge: bool = True,
@@ -49,24 +43,25 @@ def sadr_kl(p: torch.Tensor, q: torch.Tensor, subject_idx: torch.Tensor, hinge: 
 class SADRLoss:
     """γ·L_SADR as an `ExtraLoss` of any optimisation loop. Built by the framework (`EditContext.extra_losses`),
     never by an editor. The reference P is the unedited model's attention on the loop's batch: the step-0 forward
-    when the loop starts from the unedited model (δ = 0, weights untouched), else ``reference(batch)`` (the model
-    with every earlier edit of a sequential stream reverted)."""
+    when the loop starts from the unedited model (δ = 0, weights untouched), else ``reference(batch, first_layer)``
+    (the model with every earlier edit of a sequential stream reverted). The loop passes ``attentions`` as
+    ``{layer: [N, H, T]}``, the q_j rows of the rewriting prompts (`ExtraLoss`)."""
     needs_attentions = True
 
     def __init__(self, gamma: float, hinge: bool = True, first_layer: int = 0, eps: float = 1e-8,
-                 reference: Callable[[Batch], tuple] | None = None):
+                 reference: Callable[[Batch, int], dict] | None = None):
         self.gamma, self.hinge, self.first_layer, self.eps = gamma, hinge, first_layer, eps
         self.reference = reference
         self.vanilla: torch.Tensor | None = None
         self.selected: list[int] = []  # number of selected (layer, prompt, head) triples per step
 
     def __call__(self, step: int, attentions, batch: Batch) -> torch.Tensor | None:
-        rows = query_rows(attentions, batch, self.first_layer)
+        rows = stack_rows(attentions, self.first_layer)
         if self.vanilla is None:
             if self.reference is None:
                 self.vanilla = rows.detach()
             else:
-                self.vanilla = query_rows(self.reference(batch), batch, self.first_layer).detach()
+                self.vanilla = stack_rows(self.reference(batch, self.first_layer), self.first_layer).detach()
         if step == 0:
             return None
         loss, mask = sadr_kl(self.vanilla, rows, batch.subject_idx, self.hinge, self.eps)

@@ -172,7 +172,7 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
     def compute(unit: runner.Unit):
         (case,) = [by_id[c] for c in unit.case_ids]
         t0 = time.perf_counter()
-        scores = scorer.score_case(case)
+        scores = scorer.score_case(case, weights_key="unedited")  # the model is never edited here
         return ([{"case_id": case.case_id, "source": case.source, "model": model_name, "scores": scores, "env": env}],
                 [{"score_s": time.perf_counter() - t0}])
 
@@ -280,9 +280,9 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
         states = {c.case_id: probe.before(c) for c in unit_cases} if probe is not None else {}
         post, diag, tim = {}, {}, {c.case_id: {} for c in unit_cases}
 
-        def evaluate(case: Case):
+        def evaluate(case: Case, weights_key: str | None = None):
             t0 = time.perf_counter()
-            post[case.case_id] = scorer.score_case(case)
+            post[case.case_id] = scorer.score_case(case, weights_key)
             t1 = time.perf_counter()
             if probe is not None:
                 diag[case.case_id]["attn_drift"] = probe.after(states[case.case_id])
@@ -305,9 +305,9 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
                 if mode.timing == "each":
                     for case in group:
                         evaluate(case)
-            if mode.timing == "final":
+            if mode.timing == "final":  # one set of weights for all of them: ME-PPL computed once
                 for case in unit_cases:
-                    evaluate(case)
+                    evaluate(case, weights_key=f"after {unit.key}")
         finally:  # whatever happens, the model leaves the unit unedited (a failing unit must not poison the next)
             t0 = time.perf_counter()
             ctx.restore_all()

@@ -42,6 +42,7 @@ class ProbeScorer:
         self.ppl_texts = list(ppl_texts) if ppl_texts else None
         self.lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size,
                        add_bos_token=tokenizer_adds_bos(tok))
+        self._me_ppl: dict[str, dict] = {}  # weights key -> ME-PPL (it depends on the weights only)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
         """``[(context, continuation)] -> [(summed log-prob, continuation token count)]`` in one batched call."""
@@ -54,9 +55,22 @@ class ProbeScorer:
         out = self.lm._loglikelihood_tokens(reqs, disable_tqdm=True)
         return [(float(lp), len(r[2])) for (lp, _greedy), r in zip(out, reqs)]
 
-    def score_case(self, case: Case) -> dict[str, dict]:
+    def me_ppl(self, weights_key: str | None = None) -> dict:
+        """ME-PPL of the current weights. ``weights_key`` names them: calls with the same key reuse one value (every
+        pre-edit case shares the unedited weights; every case evaluated after a stream shares its final weights).
+        The caller guarantees the weights are the same for equal keys; None always recomputes."""
+        from evaluators.generation import me_ppl
+
+        if weights_key is None or weights_key not in self._me_ppl:
+            value = me_ppl(self.model, self.tok, self.lm, self.ppl_texts)
+            self._me_ppl = {} if weights_key is None else {weights_key: value}  # keep only the latest
+            return dict(value)
+        return dict(self._me_ppl[weights_key])
+
+    def score_case(self, case: Case, weights_key: str | None = None) -> dict[str, dict]:
         """Every probe of ``case`` → ``{key: {"right": [[lp, n], ...], "wrong": [[lp, n], ...]}}``; with
-        ``ppl_texts`` given, CounterFact cases also get ``"fluency"`` and ``"me_ppl"`` (evaluators.generation)."""
+        ``ppl_texts`` given, CounterFact cases also get ``"fluency"`` and ``"me_ppl"`` (evaluators.generation;
+        ``weights_key`` as in `me_ppl`)."""
         probes = build_probes(case)
         pairs, index = [], []
         for key, ps in probes.items():
@@ -69,8 +83,8 @@ class ProbeScorer:
         for (key, side), (lp, n) in zip(index, scores):
             result[key][side].append([lp, n])
         if self.ppl_texts is not None and case.generation:  # CounterFact cases, as the reference (spec §2.4, §2.6)
-            from evaluators.generation import case_seed, fluency, me_ppl
+            from evaluators.generation import case_seed, fluency
 
             result["fluency"] = fluency(self.model, self.tok, case.generation, case_seed(case.case_id))
-            result["me_ppl"] = me_ppl(self.model, self.tok, self.lm, self.ppl_texts)
+            result["me_ppl"] = self.me_ppl(weights_key)
         return result

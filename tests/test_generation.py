@@ -117,6 +117,23 @@ def test_scorer_adds_fl_and_me_ppl_to_counterfact_cases_only(tiny_model_dirs, mi
     assert s["me_ppl"]["paper"] == pytest.approx(paper_ppl(model, tok, texts))
     assert s == scorer.score_case(cf)  # seeded per case: identical on a rerun
     assert "fluency" not in scorer.score_case(wd) and "me_ppl" not in scorer.score_case(wd)
+    # ME-PPL depends on the weights only: one value per weights key (pre-edit cases, a stream's final weights)
+    calls = []
+    import evaluators.generation as generation
+
+    real = generation.me_ppl
+    generation.me_ppl = lambda *a: calls.append(1) or real(*a)
+    try:
+        keyed = [scorer.score_case(cf, weights_key="unedited") for _ in range(3)]
+        assert len(calls) == 1 and all(k == s for k in keyed)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(1.5)
+        fresh = scorer.score_case(cf, weights_key="edited")
+        assert len(calls) == 2 and fresh["me_ppl"]["paper"] != s["me_ppl"]["paper"]
+        scorer.score_case(cf), scorer.score_case(cf)  # no key: always recomputed
+        assert len(calls) == 4
+    finally:
+        generation.me_ppl = real
     row = {"cell": "p/m/none", "case_id": "cf-1", "pre": s, "post": s}
     sc = score_cell([row], "post", "paper")
     assert sc["FL"]["mean"] == pytest.approx(s["fluency"]["entropy"]) and sc["PPL"]["mean"] == pytest.approx(

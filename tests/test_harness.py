@@ -45,9 +45,9 @@ delay = float(os.environ.get("TEST_DELAY_S", "0"))
 if delay:
     original = scoring.ProbeScorer.score_case
 
-    def slow_score_case(self, case):
+    def slow_score_case(self, case, *args, **kw):
         time.sleep(delay)
-        return original(self, case)
+        return original(self, case, *args, **kw)
 
     scoring.ProbeScorer.score_case = slow_score_case
 cases = load_cases(cases_path)

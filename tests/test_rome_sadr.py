@@ -11,7 +11,7 @@ from data_pipeline.schema import Case, Probe
 from editors.core import (VHparams, build_batch, generate_context_templates, make_request, optimise_target,
                           target_ids)
 from editors.rome import Rome
-from editors.sadr import SADRLoss, query_rows, sadr_kl
+from editors.sadr import SADRLoss, sadr_kl
 from evaluators.scoring import ProbeScorer
 from model_layer.arch import arch_for
 from model_layer.checksum import param_checksum
@@ -128,15 +128,21 @@ def test_sadr_matches_loop_reference_on_tiny_model(tiny_model_dirs):
                     layer_sum += float((pr * (pr / qr).log()).sum())
         total += layer_sum / n
     assert total > 0  # the perturbation really moved some selected head
-    loss, _ = sadr_kl(query_rows(att_p, batch), query_rows(att_q, batch), batch.subject_idx)
+    j = torch.arange(n)
+
+    def rows(att):  # what the loop hands an ExtraLoss: {layer: [N, H, T]} at each rewriting row's query position
+        return {layer: a[j, :, batch.query_idx] for layer, a in enumerate(att)}
+
+    loss, _ = sadr_kl(torch.stack(list(rows(att_p).values())), torch.stack(list(rows(att_q).values())),
+                      batch.subject_idx)
     assert loss.item() == pytest.approx(total, rel=1e-4)
     # SADRLoss: nothing at step 0, γ·L afterwards; skipping layers ≤ 1 changes nothing (their drift is 0)
     sl = SADRLoss(gamma=0.5, first_layer=0)
-    assert sl(0, att_p, batch) is None
-    assert sl(1, att_q, batch).item() == pytest.approx(0.5 * total, rel=1e-4)
+    assert sl(0, rows(att_p), batch) is None
+    assert sl(1, rows(att_q), batch).item() == pytest.approx(0.5 * total, rel=1e-4)
     sl2 = SADRLoss(gamma=0.5, first_layer=3)
-    sl2(0, att_p, batch)
-    assert sl2(1, att_q, batch).item() == pytest.approx(0.5 * total, rel=1e-4)
+    sl2(0, rows(att_p), batch)
+    assert sl2(1, rows(att_q), batch).item() == pytest.approx(0.5 * total, rel=1e-4)
 
 
 def test_sadr_gamma_zero_gives_plain_rome_v_star(tiny_model_dirs):
