@@ -34,7 +34,7 @@ from data_pipeline.schema import Case
 from editors.base import Artefact, Editor, HparamsError
 from model_layer.attention import attention_rows
 from model_layer.batching import right_pad
-from model_layer.hooks import capture, inject
+from model_layer.hooks import capture, inject, replay_prefix
 
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
@@ -350,12 +350,31 @@ class VResult:
 
 
 def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
-                    extra_losses: Sequence[ExtraLoss] = ()) -> VResult:
-    """The target-vector loop of ROME/MEMIT/PMET (spec §4.1 step 5) with pluggable extra loss terms."""
+                    extra_losses: Sequence[ExtraLoss] = (), all_logits: bool = False,
+                    prefix_cache: bool = True) -> VResult:
+    """The target-vector loop of ROME/MEMIT/PMET (spec §4.1 step 5) with pluggable extra loss terms.
+
+    ``hook_module`` is layer L's MLP or block. With ``prefix_cache`` (and an architecture whose MLP output enters
+    the residual stream as is), the blocks 0..L run once, at step 0 (δ = 0): later steps replay block L's cached
+    output and add δ there (model_layer.hooks.replay_prefix), which equals adding it to the MLP output up to float
+    rounding. ``all_logits`` computes the logits at every position, as the reference does (same values). Both
+    switches exist for bench/bench_vstep.py."""
     import time
+
+    from model_layer.arch import arch_for
 
     dev = batch.input_ids.device
     module = model.get_submodule(hook_module)
+    arch = arch_for(model)
+    layer = next((i for i in range(arch.n_layers(model.config)) if hook_module in (arch.layer("block", i),
+                                                                                 arch.layer("mlp", i))), None)
+    if layer is None:
+        raise ValueError(f"{hook_module!r} is neither a block nor an MLP of the model")
+    blocks = [model.get_submodule(arch.layer("block", i)) for i in range(layer + 1)]
+    # not where δ would pass a norm first, nor when an extra loss reads attention rows of the replayed blocks
+    prefix_cache = (prefix_cache and (module is blocks[-1] or arch.mlp_adds_to_residual)
+                    and all(e.first_layer > layer for e in extra_losses if e.needs_attentions))
+    cached: list[torch.Tensor] = []
     delta: torch.Tensor | None = None
     v_init: torch.Tensor | None = None
     rows = torch.arange(batch.input_ids.shape[0], device=dev)
@@ -390,13 +409,26 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
     kl_init = None
     it = 0
     try:
-        with inject(module, rows, batch.subject_idx, lambda: delta, on_first=first), attn_ctx as attn:
+        with attn_ctx as attn:
             for it in range(hp.v_num_grad_steps):
                 t0 = time.perf_counter()
                 opt.zero_grad()
-                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep_t,
-                            use_cache=False)
-                logp = F.log_softmax(out.logits.float(), dim=-1)
+                with contextlib.ExitStack() as stack:
+                    if cached:  # blocks 0..L replayed; δ added to block L's output
+                        stack.enter_context(replay_prefix(blocks, cached[0]))
+                        stack.enter_context(inject(blocks[-1], rows, batch.subject_idx, lambda: delta))
+                    else:
+                        stack.enter_context(inject(module, rows, batch.subject_idx, lambda: delta, on_first=first))
+                        if prefix_cache:
+                            cap = stack.enter_context(capture(blocks[-1]))
+                    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                logits_to_keep=0 if all_logits else keep_t, use_cache=False)
+                if prefix_cache and not cached:
+                    if cap["tuple"]:  # replay returns bare hidden states: only for blocks that do the same
+                        prefix_cache = False
+                    else:
+                        cached.append(cap["out"])  # block L's output at δ = 0 (step 0)
+                logp = F.log_softmax((out.logits[:, keep_t] if all_logits else out.logits).float(), dim=-1)
                 nll = -logp[lab_rows, lab_cols, lab_ids].sum() / (n_t * batch.n_rewrite)
                 kl_logp = logp[kl_row, col[int(batch.subject_idx[kl_row])]].unsqueeze(0)
                 if kl_init is None:

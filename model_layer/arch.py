@@ -24,6 +24,9 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     embed: str
+    # the MLP's output is added to the residual stream as is (no norm after it): a vector added to the MLP output
+    # equals the same vector added to the block output, so loops may cache the blocks below (core.optimise_target)
+    mlp_adds_to_residual: bool = True
     n_layers_attr: tuple[str, ...] = ("num_hidden_layers", "n_layer")
     n_heads_attr: tuple[str, ...] = ("num_attention_heads", "n_head")
 
@@ -68,7 +71,7 @@ ARCHS: dict[str, ArchSpec] = {
     # Gemma-3 text models (Gemma3ForCausalLM, model_type "gemma3_text") use the same names. Note: Gemma applies a
     # post-feed-forward RMSNorm to the MLP output before the residual add, which rescales a δ injected at `mlp`;
     # locate-then-edit methods therefore need more optimisation steps there (measured on tiny models).
-    "gemma3": ArchSpec(name="gemma3", **_LLAMA_LIKE),
+    "gemma3": ArchSpec(name="gemma3", mlp_adds_to_residual=False, **_LLAMA_LIKE),
 }
 _MODEL_TYPE_TO_ARCH = {"gptj": "gptj", "gpt_neox": "gpt_neox", "llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
