@@ -99,6 +99,7 @@ def check_profile(profile: "Profile") -> None:
     int_field("subset_size", 0)
     int_field("seed", 0)
     int_field("batch_size", 1)
+    int_field("edit_group", 1)
     models = raw.get("models")
     if not isinstance(models, dict) or not models or not all(isinstance(m, dict) for m in models.values()):
         raise UserError(f"{where}.models must map each model name to its settings (ref, dtype, ...)")

@@ -210,6 +210,15 @@ class Editor:
     def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx: EditContext) -> EditHandle:
         raise NotImplementedError
 
+    def apply_each(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx: EditContext
+                   ) -> Iterator[EditHandle]:
+        """Independent edits of ``cases``: yields case i's handle, its edit applied alone to the unedited model; the
+        caller restores it before taking the next. An editor may share work between the cases (locate-then-edit
+        editors optimise every v* in one batched loop: editors.core.optimise_targets); by default one `apply`
+        each."""
+        for case in cases:
+            yield self.apply(model, tok, [case], hparams, ctx)
+
     def edit(self, model, tok, case: Case, hparams: dict[str, Any]) -> EditHandle:
         """One case on the unedited model, SADR when ``hparams["sadr"]`` (the first contract's call, kept for
         scripts and tests; the harness calls `apply`)."""

@@ -23,7 +23,7 @@ Deliberate deviations from the reference (documented so numbers can be compared)
 from __future__ import annotations
 
 import contextlib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.schema import Case
-from editors.base import Artefact, Editor, HparamsError
+from editors.base import Artefact, EditHandle, Editor, HparamsError
 from model_layer.attention import attention_rows
 from model_layer.batching import right_pad
 from model_layer.hooks import capture, inject, replay_prefix
@@ -245,11 +245,57 @@ class LocateHparams(VHparams):
 
 
 class LocateEditor(Editor):
-    """What locate-then-edit editors share: capabilities, hparams checks, second-moment artefacts, and caches of
-    context templates per (model, settings) and C per layer."""
+    """What locate-then-edit editors share: capabilities, hparams checks, second-moment artefacts, caches of
+    context templates per (model, settings) and C per layer, and the edit itself in two steps: `targets` (every
+    case's v*, optimised together in one batched loop, SADR's term from the framework) then `write` (the editor's
+    own weight update, which a subclass implements)."""
     capabilities = frozenset({"sadr", "sequential"})
     undo = "weights"
     hparams_cls: ClassVar[type[LocateHparams]] = LocateHparams
+    target_at: ClassVar[str] = "mlp"  # where δ enters layer ``hp.layer``: "mlp" (ROME) or "block" (MEMIT's z)
+
+    def targets(self, model, tok, cases: Sequence[Case], hp: LocateHparams, ctx) -> list["VResult"]:
+        """v* of every case on the model as it is now, in one batched loop (optimise_targets)."""
+        from model_layer.arch import arch_for
+
+        dev = next(model.parameters()).device
+        templates = self.templates(model, tok, hp)
+        batches = [build_batch(tok, make_request(c), templates, dev) for c in cases]
+        extras = [ctx.extra_losses(first_layer=hp.layer + 1) for _ in cases]  # SADR's term on a +sadr cell
+        vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if any(extras) else hp
+        return optimise_targets(model, batches, arch_for(model).layer(self.target_at, hp.layer), vhp, extras)
+
+    def write(self, model, tok, cases: list[Case], results: list["VResult"], hp: LocateHparams) -> EditHandle:
+        """Apply the weight update that maps each case's key to its v*; returns the handle (diagnostics set)."""
+        raise NotImplementedError
+
+    def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx) -> EditHandle:
+        import time
+
+        self.check_hparams(model, hparams)  # every edited layer exists
+        hp = self.hparams_cls.from_dict(hparams)
+        t0 = time.perf_counter()
+        results = self.targets(model, tok, cases, hp, ctx)
+        t1 = time.perf_counter()
+        handle = self.write(model, tok, cases, results, hp)
+        handle.timings = {"optimise_s": t1 - t0, "write_s": time.perf_counter() - t1,
+                          "step_s": [x for r in results for x in r.step_seconds], **handle.timings}
+        return handle
+
+    def apply_each(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx):
+        import time
+
+        self.check_hparams(model, hparams)  # every edited layer exists
+        hp = self.hparams_cls.from_dict(hparams)
+        t0 = time.perf_counter()
+        results = self.targets(model, tok, cases, hp, ctx)
+        shared = (time.perf_counter() - t0) / len(cases)
+        for case, res in zip(cases, results):
+            t1 = time.perf_counter()
+            handle = self.write(model, tok, [case], [res], hp)
+            handle.timings = {"optimise_s": shared, "write_s": time.perf_counter() - t1, "group": len(cases),
+                              "step_s": res.step_seconds, **handle.timings}
+            yield handle
 
     def check_hparams(self, model, hparams: dict[str, Any]) -> None:
         """Raise HparamsError unless ``hparams`` parse and every edited layer exists in ``model`` (run before any
@@ -347,12 +393,35 @@ class VResult:
     steps: int
     losses: list[dict[str, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)  # what the extra losses report (SADR's selected heads)
 
 
 def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
                     extra_losses: Sequence[ExtraLoss] = (), all_logits: bool = False,
                     prefix_cache: bool = True) -> VResult:
-    """The target-vector loop of ROME/MEMIT/PMET (spec §4.1 step 5) with pluggable extra loss terms.
+    """The target-vector loop of ROME/MEMIT/PMET (spec §4.1 step 5) for one edit; see `optimise_targets`."""
+    return optimise_targets(model, [batch], hook_module, hp, [extra_losses], all_logits, prefix_cache)[0]
+
+
+def stack_batches(batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """input_ids and attention_mask of every batch's rows, right-padded to the longest, and each batch's first row."""
+    width = max(b.input_ids.shape[1] for b in batches)
+    ids = torch.cat([F.pad(b.input_ids, (0, width - b.input_ids.shape[1])) for b in batches])
+    mask = torch.cat([F.pad(b.attention_mask, (0, width - b.attention_mask.shape[1])) for b in batches])
+    offsets = [0]
+    for b in batches[:-1]:
+        offsets.append(offsets[-1] + b.input_ids.shape[0])
+    return ids, mask, offsets
+
+
+def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHparams,
+                     extra_losses: Sequence[Sequence[ExtraLoss]] | None = None, all_logits: bool = False,
+                     prefix_cache: bool = True) -> list[VResult]:
+    """The target-vector loop for k independent edits at once (k = len(batches)): every case's rows stacked in one
+    forward/backward, case i's δ_i added only in its own rows, its own loss (NLL + KL + weight decay + its extra
+    losses), its own Adam state, clamp and early stop (a stopped case's δ is frozen while the others go on). Rows
+    never interact, so each v*_i equals its one-case run up to float rounding (tests/test_batched_edits.py); k = 1
+    is the one-case loop.
 
     ``hook_module`` is layer L's MLP or block. With ``prefix_cache`` (and an architecture whose MLP output enters
     the residual stream as is), the blocks 0..L run once, at step 0 (δ = 0): later steps replay block L's cached
@@ -363,7 +432,11 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
 
     from model_layer.arch import arch_for
 
-    dev = batch.input_ids.device
+    k = len(batches)
+    extra_losses = [list(e) for e in (extra_losses or [()] * k)]
+    if len(extra_losses) != k:
+        raise ValueError(f"{len(extra_losses)} lists of extra losses for {k} batches")
+    dev = batches[0].input_ids.device
     module = model.get_submodule(hook_module)
     arch = arch_for(model)
     layer = next((i for i in range(arch.n_layers(model.config)) if hook_module in (arch.layer("block", i),
@@ -371,57 +444,72 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
     if layer is None:
         raise ValueError(f"{hook_module!r} is neither a block nor an MLP of the model")
     blocks = [model.get_submodule(arch.layer("block", i)) for i in range(layer + 1)]
+    every_extra = [e for es in extra_losses for e in es]
     # not where δ would pass a norm first, nor when an extra loss reads attention rows of the replayed blocks
     prefix_cache = (prefix_cache and (module is blocks[-1] or arch.mlp_adds_to_residual)
-                    and all(e.first_layer > layer for e in extra_losses if e.needs_attentions))
+                    and all(e.first_layer > layer for e in every_extra if e.needs_attentions))
     cached: list[torch.Tensor] = []
-    delta: torch.Tensor | None = None
-    v_init: torch.Tensor | None = None
-    rows = torch.arange(batch.input_ids.shape[0], device=dev)
 
-    def first(hs):  # the module's unchanged output at the subject's last token of the first row
-        nonlocal v_init
-        v_init = hs[0, batch.subject_idx[0]].detach().float().clone()
+    input_ids, attention_mask, offsets = stack_batches(batches)
+    n_rows = [b.input_ids.shape[0] for b in batches]
+    row_case = torch.tensor([i for i, n in enumerate(n_rows) for _ in range(n)], device=dev)
+    rows = torch.arange(input_ids.shape[0], device=dev)
+    subject_idx = torch.cat([b.subject_idx for b in batches])
+    kl_rows = [o + n - 1 for o, n in zip(offsets, n_rows)]
+    # logits only where needed: label positions of every rewriting row + each KL row's subject position
+    keep = sorted({p for b in batches for ps in b.label_pos for p in ps}
+                  | {int(subject_idx[r]) for r in kl_rows})
+    col = {p: j for j, p in enumerate(keep)}
+    keep_t = torch.tensor(keep, device=dev)
+    lab = []  # per case: (rows, cols, ids) of its label log-probs
+    for o, b in zip(offsets, batches):
+        lab.append((torch.tensor([o + r for r, ps in enumerate(b.label_pos) for _ in ps], device=dev),
+                    torch.tensor([col[p] for ps in b.label_pos for p in ps], device=dev),
+                    torch.tensor([t for ps in b.label_pos for t in b.labels[: len(ps)]], device=dev)))
+    kl_cols = [col[int(subject_idx[r])] for r in kl_rows]
 
     d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
-    delta = torch.zeros(d_model, dtype=torch.float32, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    # logits only where needed: label positions of every rewriting row + the KL row's subject position
-    kl_row = batch.input_ids.shape[0] - 1
-    keep = sorted({p for ps in batch.label_pos for p in ps} | {int(batch.subject_idx[kl_row])})
-    col = {p: i for i, p in enumerate(keep)}
-    keep_t = torch.tensor(keep, device=dev)
-    lab_rows = torch.tensor([r for r, ps in enumerate(batch.label_pos) for _ in ps], device=dev)
-    lab_cols = torch.tensor([col[p] for ps in batch.label_pos for p in ps], device=dev)
-    lab_ids = torch.tensor([t for ps in batch.label_pos for t in batch.labels[: len(ps)]], device=dev)
-    n_t = len(batch.labels)
-    need_attn = any(e.needs_attentions for e in extra_losses)
-    if need_attn:  # rows of the rewriting prompts' query positions, beside an SDPA forward
-        attn_ctx = attention_rows(model, torch.arange(batch.n_rewrite, device=dev), batch.query_idx,
-                                  min(e.first_layer for e in extra_losses if e.needs_attentions))
+    deltas = [torch.zeros(d_model, dtype=torch.float32, device=dev, requires_grad=True) for _ in batches]
+    opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
+    v_init: list[torch.Tensor] = []
+
+    def first(hs):  # the module's unchanged output at the subject's last token of each case's first row
+        v_init.extend(hs[o, subject_idx[o]].detach().float().clone() for o in offsets)
+
+    def delta_rows():
+        return torch.stack(deltas)[row_case]  # [rows, d]: case i's δ in case i's rows
+
+    need_attn = bool(every_extra) and any(e.needs_attentions for e in every_extra)
+    q_off = [sum(b.n_rewrite for b in batches[:i]) for i in range(k)]
+    if need_attn:  # rows of the rewriting prompts' query positions, beside the model's own forward
+        q_rows = torch.tensor([o + j for o, b in zip(offsets, batches) for j in range(b.n_rewrite)], device=dev)
+        attn_ctx = attention_rows(model, q_rows, torch.cat([b.query_idx for b in batches]),
+                                  min(e.first_layer for e in every_extra if e.needs_attentions))
     else:
         attn_ctx = contextlib.nullcontext({})
     # gradients flow only to δ: with the weights frozen, backward skips every dW matmul (×1.55 per step on SmolLM2)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grad_flags:
         p.requires_grad_(False)
-    losses, step_s = [], []
-    kl_init = None
-    it = 0
+    losses: list[list[dict[str, float]]] = [[] for _ in batches]
+    step_s: list[float] = []
+    done: dict[int, int] = {}  # case -> steps it ran
+    kl_init: list[torch.Tensor] = []
     try:
         with attn_ctx as attn:
             for it in range(hp.v_num_grad_steps):
                 t0 = time.perf_counter()
-                opt.zero_grad()
+                for o in opts:
+                    o.zero_grad()
                 with contextlib.ExitStack() as stack:
                     if cached:  # blocks 0..L replayed; δ added to block L's output
                         stack.enter_context(replay_prefix(blocks, cached[0]))
-                        stack.enter_context(inject(blocks[-1], rows, batch.subject_idx, lambda: delta))
+                        stack.enter_context(inject(blocks[-1], rows, subject_idx, delta_rows))
                     else:
-                        stack.enter_context(inject(module, rows, batch.subject_idx, lambda: delta, on_first=first))
+                        stack.enter_context(inject(module, rows, subject_idx, delta_rows, on_first=first))
                         if prefix_cache:
                             cap = stack.enter_context(capture(blocks[-1]))
-                    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    out = model(input_ids=input_ids, attention_mask=attention_mask,
                                 logits_to_keep=0 if all_logits else keep_t, use_cache=False)
                 if prefix_cache and not cached:
                     if cap["tuple"]:  # replay returns bare hidden states: only for blocks that do the same
@@ -429,35 +517,52 @@ def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
                     else:
                         cached.append(cap["out"])  # block L's output at δ = 0 (step 0)
                 logp = F.log_softmax((out.logits[:, keep_t] if all_logits else out.logits).float(), dim=-1)
-                nll = -logp[lab_rows, lab_cols, lab_ids].sum() / (n_t * batch.n_rewrite)
-                kl_logp = logp[kl_row, col[int(batch.subject_idx[kl_row])]].unsqueeze(0)
-                if kl_init is None:
-                    kl_init = kl_logp.detach().clone()
-                kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-                wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
-                loss = nll + kl + wd
-                parts = {"nll": nll.item(), "kl": kl.item(), "wd": wd.item()}
-                for extra in extra_losses:
-                    term = extra(it, attn if extra.needs_attentions else None, batch)
-                    if term is not None:
-                        loss = loss + term
-                        parts[type(extra).__name__] = term.item()
-                parts["total"] = loss.item()
-                losses.append(parts)
-                if loss.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                if not kl_init:
+                    kl_init.extend(logp[r, c].detach().clone().unsqueeze(0) for r, c in zip(kl_rows, kl_cols))
+                total = None
+                for i, b in enumerate(batches):
+                    if i in done:
+                        continue
+                    lr_, lc, li = lab[i]
+                    nll = -logp[lr_, lc, li].sum() / (len(b.labels) * b.n_rewrite)
+                    kl = hp.kl_factor * F.kl_div(kl_init[i], logp[kl_rows[i], kl_cols[i]].unsqueeze(0),
+                                                 log_target=True, reduction="batchmean")
+                    wd = hp.v_weight_decay * (deltas[i].norm() / v_init[i].norm() ** 2)
+                    loss = nll + kl + wd
+                    parts = {"nll": nll.item(), "kl": kl.item(), "wd": wd.item()}
+                    for extra in extra_losses[i]:
+                        own = ({layer_: a[q_off[i]: q_off[i] + b.n_rewrite] for layer_, a in attn.items()}
+                               if extra.needs_attentions else None)
+                        term = extra(it, own, b)
+                        if term is not None:
+                            loss = loss + term
+                            parts[type(extra).__name__] = term.item()
+                    parts["total"] = loss.item()
+                    losses[i].append(parts)
+                    if loss.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                        done[i] = it + 1  # no update at the step that stops it (the one-case loop's break)
+                    else:
+                        total = loss if total is None else total + loss
+                if total is None:  # every case has stopped
                     step_s.append(time.perf_counter() - t0)
                     break
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    max_norm = hp.clamp_norm_factor * v_init.norm()
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
+                total.backward()  # rows never interact: ∂total/∂δ_i = ∂loss_i/∂δ_i
+                for i, (d, o) in enumerate(zip(deltas, opts)):
+                    if i in done:
+                        continue
+                    o.step()
+                    with torch.no_grad():
+                        max_norm = hp.clamp_norm_factor * v_init[i].norm()
+                        if d.norm() > max_norm:
+                            d.mul_(max_norm / d.norm())
                 step_s.append(time.perf_counter() - t0)
     finally:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
-    return VResult(v_star=(v_init + delta).detach(), v_init=v_init, steps=it + 1, losses=losses, step_seconds=step_s)
+    return [VResult(v_star=(v_init[i] + deltas[i]).detach(), v_init=v_init[i], steps=done[i], losses=losses[i],
+                    step_seconds=step_s[: done[i]],
+                    notes={key: v for e in extra_losses[i] for key, v in getattr(e, "notes", dict)().items()})
+            for i in range(k)]
 
 
 @torch.no_grad()

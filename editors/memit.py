@@ -15,15 +15,15 @@ model's attention indirectly (spec §3). Deviations: see editors/core.py (target
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from data_pipeline.schema import Case
-from editors.base import EditContext, EditHandle
-from editors.core import (HparamsError, LocateEditor, LocateHparams, build_batch, grouped_mean, least_squares_update,
-                          make_request, module_io_at, optimise_target, subject_rows)
+from editors.base import EditHandle
+from editors.core import (HparamsError, LocateEditor, LocateHparams, VResult, grouped_mean, least_squares_update,
+                          make_request, module_io_at, subject_rows)
 from model_layer.arch import arch_for
 
 
@@ -60,37 +60,21 @@ class Memit(LocateEditor):
     hparams_cls = MemitHparams
     name = "memit"
     capabilities = frozenset({"sadr", "sequential", "batch"})
+    target_at = "block"  # step 1: z* at the output of the last edit layer's block
 
-    def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx: EditContext) -> EditHandle:
-        """Edit ``cases`` with one update per layer: a batch of n cases stacks their keys K [d_in, n] and residuals
-        R [d_out, n] (MEMIT's mass edit); one case is the batch of one."""
+    def write(self, model, tok, cases: list[Case], results: list[VResult], hp: MemitHparams) -> EditHandle:
+        """Step 2 for ``cases`` at once: a batch of n cases stacks their keys K [d_in, n] and residuals R [d_out, n]
+        (MEMIT's mass edit); one case is the batch of one."""
         import time
 
-        hp = MemitHparams.from_dict(hparams)
+        t0 = time.perf_counter()
         arch = arch_for(model)
-        n_layers = arch.n_layers(model.config)
-        if hp.layer >= n_layers:
-            raise ValueError(f"MEMIT layers {list(hp.layers)}: the model has {n_layers} layers (0..{n_layers - 1})")
         dev = next(model.parameters()).device
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        t = {"start": time.perf_counter()}
-
         covs = {layer: self.covariance(model, tok, arch.layer("mlp_out", layer), hp).to(dev) for layer in hp.layers}
-        t["stats"] = time.perf_counter()
-        templates = self.templates(model, tok, hp)
-        t["templates"] = time.perf_counter()
         z_block = arch.layer("block", hp.layer)
-        reqs, results, extras_all = [], [], []
-        for case in cases:  # z* = z_init + δ at the last edit layer, every case on the model before this update
-            req = make_request(case)
-            extras = ctx.extra_losses(first_layer=hp.layer + 1)  # SADR's term on a +sadr cell
-            vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if extras else hp
-            results.append(optimise_target(model, build_batch(tok, req, templates, dev), z_block, vhp, extras))
-            reqs.append(req)
-            extras_all.append(extras)
-        t["optimise"] = time.perf_counter()
-
-        rows = [subject_rows(tok, req, templates) for req in reqs]
+        templates = self.templates(model, tok, hp)
+        rows = [subject_rows(tok, make_request(case), templates) for case in cases]
         handle = EditHandle()
         update_norms = []
         for i, layer in enumerate(hp.layers):
@@ -108,27 +92,24 @@ class Memit(LocateEditor):
             with torch.no_grad():
                 weight.add_(dw.to(weight.dtype))
             update_norms.append(float(dw.norm()))
-        t["update"] = time.perf_counter()
         reached = []
         for (r, s_idx), res in zip(rows, results):
             _, z_final = module_io_at(model, z_block, r[:1], s_idx[:1], pad)
             gap0, gap1 = float((res.v_star - res.v_init).norm()), float((res.v_star - z_final[0]).norm())
             # how much of z* − z_init the spread over the layers achieved at the last edit layer (1 = all of it)
             reached.append((gap0, (1.0 - gap1 / gap0) if gap0 > 0 else 1.0))
-        res, extras = results[0], extras_all[0]
+        res = results[0]
         handle.diagnostics = {
             "layers": list(hp.layers), "steps": res.steps, "final_loss": res.losses[-1], "delta_norm": reached[0][0],
             "z_init_norm": float(res.v_init.norm()), "update_norms": update_norms, "z_reached": reached[0][1],
+            **res.notes,
         }
         if len(cases) > 1:  # per case, in the order of ``cases``
             handle.diagnostics.update(batch_size=len(cases), steps=[x.steps for x in results],
                                       final_loss=[x.losses[-1] for x in results], delta_norm=[g for g, _ in reached],
                                       z_init_norm=[float(x.v_init.norm()) for x in results],
                                       z_reached=[z for _, z in reached])
-        handle.timings = {"stats_s": t["stats"] - t["start"], "templates_s": t["templates"] - t["stats"],
-                          "optimise_s": t["optimise"] - t["templates"], "update_s": t["update"] - t["optimise"],
-                          "step_s": [x for r in results for x in r.step_seconds]}
-        if extras:
-            handle.diagnostics["sadr_selected_heads"] = (extras[0].selected if len(cases) == 1
-                                                         else [e[0].selected for e in extras_all])
+            if res.notes:
+                handle.diagnostics.update({key: [x.notes[key] for x in results] for key in res.notes})
+        handle.timings = {"update_s": time.perf_counter() - t0}
         return handle

@@ -13,13 +13,13 @@ Deviations: see editors/core.py (target tokenisation, seeded templates, float64 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 from data_pipeline.schema import Case
-from editors.base import EditContext, EditHandle
-from editors.core import (LocateEditor, LocateHparams, build_batch, make_request, module_io_at, optimise_target,
-                          rank_one_direction, rank_one_update, subject_rows)
+from editors.base import EditHandle
+from editors.core import (LocateEditor, LocateHparams, VResult, make_request, module_io_at, rank_one_direction,
+                          rank_one_update, subject_rows)
 from model_layer.arch import arch_for
 
 
@@ -36,46 +36,30 @@ class RomeHparams(LocateHparams):
 class Rome(LocateEditor):
     name = "rome"
     hparams_cls = RomeHparams
+    target_at = "mlp"  # step 3: δ at the MLP output of `layer`
 
-    def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx: EditContext) -> EditHandle:
+    def write(self, model, tok, cases: list[Case], results: list[VResult], hp: RomeHparams) -> EditHandle:
+        """Steps 1, 2 and 4 for one case whose v* is ``results[0]``."""
         import time
 
-        (case,) = cases
-        hp = RomeHparams.from_dict(hparams)
-        arch = arch_for(model)
-        mlp_out = arch.layer("mlp_out", hp.layer)
+        (case,), (res,) = cases, results
+        t0 = time.perf_counter()
+        mlp_out = arch_for(model).layer("mlp_out", hp.layer)
         dev = next(model.parameters()).device
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        t = {"start": time.perf_counter()}
-
         c = self.covariance(model, tok, mlp_out, hp).to(dev)
-        t["stats"] = time.perf_counter()
-        templates = self.templates(model, tok, hp)
-        t["templates"] = time.perf_counter()
-        req = make_request(case)
-        rows, s_idx = subject_rows(tok, req, templates)
+        rows, s_idx = subject_rows(tok, make_request(case), self.templates(model, tok, hp))
         keys, _ = module_io_at(model, mlp_out, rows, s_idx, pad)
         u = rank_one_direction(c, keys.mean(0))
-        batch = build_batch(tok, req, templates, dev)
-        extras = ctx.extra_losses(first_layer=hp.layer + 1)  # SADR's term on a +sadr cell (δ enters above `layer`)
-        vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if extras else hp  # a RomeHparams is a VHparams
-        t["keys"] = time.perf_counter()
-        res = optimise_target(model, batch, arch.layer("mlp", hp.layer), vhp, extras)
-        t["optimise"] = time.perf_counter()
         k_star, out_star = module_io_at(model, mlp_out, rows[:1], s_idx[:1], pad)
         handle = EditHandle()
         weight = model.get_submodule(mlp_out).weight
         handle.save(f"{mlp_out}.weight", weight)
         dw = rank_one_update(weight, u, res.v_star, k_star[0], out_star[0])
-        t["update"] = time.perf_counter()
         handle.diagnostics = {
             "layer": hp.layer, "steps": res.steps, "final_loss": res.losses[-1],
             "delta_norm": float((res.v_star - res.v_init).norm()), "v_init_norm": float(res.v_init.norm()),
-            "update_norm": float(dw.norm()),
+            "update_norm": float(dw.norm()), **res.notes,
         }
-        handle.timings = {"stats_s": t["stats"] - t["start"], "templates_s": t["templates"] - t["stats"],
-                       "keys_s": t["keys"] - t["templates"], "optimise_s": t["optimise"] - t["keys"],
-                       "update_s": t["update"] - t["optimise"], "step_s": res.step_seconds}
-        if extras:
-            handle.diagnostics["sadr_selected_heads"] = extras[0].selected
+        handle.timings = {"update_s": time.perf_counter() - t0}
         return handle

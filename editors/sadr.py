@@ -55,6 +55,9 @@ class SADRLoss:
         self.vanilla: torch.Tensor | None = None
         self.selected: list[int] = []  # number of selected (layer, prompt, head) triples per step
 
+    def notes(self) -> dict:
+        return {"sadr_selected_heads": self.selected}
+
     def __call__(self, step: int, attentions, batch: Batch) -> torch.Tensor | None:
         rows = stack_rows(attentions, self.first_layer)
         if self.vanilla is None:

@@ -40,6 +40,10 @@ class CellSpec:
     hparams: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None  # context-template seed named in the cell id (".s<seed>"); hparams carry template_seed
     mode: Mode = Mode()
+    # single-case cells: independent cases per runner unit, edited through `Editor.apply_each` (locate-then-edit
+    # editors optimise their v* together; each case is still edited alone, scored and restored). It changes float
+    # rounding only, so it enters the fingerprint, never the cell name.
+    group: int = 1
 
     @property
     def name(self) -> CellName:
@@ -265,7 +269,8 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
     fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "model_id": model_id or spec.model_name,
                       "dataset": content_id, "hparams": portable_hparams(dict(hparams, sadr=spec.sadr)),
                       "artefacts": artefacts, "env": env, "batch_size": batch_size,
-                      "code": code_identity(CELL_CODE, tuple(editor.code_files())), "ppl_corpus": corpus_sha})
+                      "code": code_identity(CELL_CODE, tuple(editor.code_files())), "ppl_corpus": corpus_sha,
+                      **({"group": spec.group} if spec.mode.kind == SINGLE and spec.group > 1 else {})})
     probe = DriftProbe(model, tok) if spec.editor != "none" else None
     mode = spec.mode
     by_id = {c.case_id: c for c in cases}
@@ -273,6 +278,11 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
 
     def compute(unit: runner.Unit):
         from editors.base import EditContext
+
+        def check_clean():
+            if model_state(model, editor) != clean[0]:
+                raise RuntimeError(f"{spec.cell_id} unit {unit.key}: the model differs after restore() "
+                                   f"(undo kind {editor.undo!r}): the editor's restore is not exact")
 
         unit_cases = [by_id[c] for c in unit.case_ids]
         if not clean:
@@ -289,38 +299,56 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
             tim[case.case_id].update(score_s=t1 - t0, drift_s=time.perf_counter() - t1)
 
         ctx = EditContext(model, sadr)
-        groups = [unit_cases] if mode.kind == "batch" else [[c] for c in unit_cases]
-        try:
-            for position, group in enumerate(groups):
+        if mode.kind == SINGLE:  # independent edits: each case alone on the unedited model, scored, restored
+            handles = editor.apply_each(model, tok, unit_cases, hparams, ctx)
+            for case in unit_cases:
                 t0 = time.perf_counter()
-                handle = editor.apply(model, tok, group, hparams, ctx)
-                ctx.push(handle)
-                for i, case in enumerate(group):
+                try:
+                    handle = next(handles)
+                    ctx.push(handle)
                     diag[case.case_id] = dict(handle.diagnostics)
-                    if mode.kind == "seq":
-                        diag[case.case_id]["stream_position"] = position
-                    elif mode.kind == "batch":
-                        diag[case.case_id]["batch_position"] = i
                     tim[case.case_id].update(edit_s=time.perf_counter() - t0, editor=handle.timings)
-                if mode.timing == "each":
-                    for case in group:
-                        evaluate(case)
-            if mode.timing == "final":  # one set of weights for all of them: ME-PPL computed once
-                for case in unit_cases:
-                    evaluate(case, weights_key=f"after {unit.key}")
-        finally:  # whatever happens, the model leaves the unit unedited (a failing unit must not poison the next)
-            t0 = time.perf_counter()
-            ctx.restore_all()
-            tim[unit_cases[-1].case_id]["restore_s"] = time.perf_counter() - t0
-        if model_state(model, editor) != clean[0]:
-            raise RuntimeError(f"{spec.cell_id} unit {unit.key}: the model differs after restore() "
-                               f"(undo kind {editor.undo!r}): the editor's restore is not exact")
+                    evaluate(case)
+                finally:  # whatever happens, the model leaves the case unedited
+                    t1 = time.perf_counter()
+                    ctx.restore_all()
+                    tim[case.case_id]["restore_s"] = time.perf_counter() - t1
+                check_clean()
+            if len(unit_cases) > 1:  # the group's edit time (v* together, then one write each), shared equally
+                edits = sum(tim[c.case_id]["edit_s"] for c in unit_cases)
+                for c in unit_cases:
+                    tim[c.case_id].update(edit_s=edits / len(unit_cases), group=len(unit_cases))
+        else:
+            groups = [unit_cases] if mode.kind == "batch" else [[c] for c in unit_cases]
+            try:
+                for position, group in enumerate(groups):
+                    t0 = time.perf_counter()
+                    handle = editor.apply(model, tok, group, hparams, ctx)
+                    ctx.push(handle)
+                    for i, case in enumerate(group):
+                        diag[case.case_id] = dict(handle.diagnostics)
+                        if mode.kind == "seq":
+                            diag[case.case_id]["stream_position"] = position
+                        elif mode.kind == "batch":
+                            diag[case.case_id]["batch_position"] = i
+                        tim[case.case_id].update(edit_s=time.perf_counter() - t0, editor=handle.timings)
+                    if mode.timing == "each":
+                        for case in group:
+                            evaluate(case)
+                if mode.timing == "final":  # one set of weights for all of them: ME-PPL computed once
+                    for case in unit_cases:
+                        evaluate(case, weights_key=f"after {unit.key}")
+            finally:  # whatever happens, the model leaves the unit unedited (a failing unit must not poison the next)
+                t0 = time.perf_counter()
+                ctx.restore_all()
+                tim[unit_cases[-1].case_id]["restore_s"] = time.perf_counter() - t0
+            check_clean()
         rows = [{"cell": spec.cell_id, "case_id": c.case_id, "source": c.source, "pre": pre[c.case_id]["scores"],
                  "post": post[c.case_id], "editor": {"name": spec.editor, "sadr": spec.sadr,
                                                      "diagnostics": diag[c.case_id]}, "env": env}
                 for c in unit_cases]
         return rows, [tim[c.case_id] for c in unit_cases]
 
-    plan = runner.make_plan(fp, list(by_id), mode)
+    plan = runner.make_plan(fp, list(by_id), mode, group=spec.group)
     return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, shard, progress,
                       desc=spec.cell_id, expect_fingerprint=expect_fingerprint)["rows"]

@@ -35,7 +35,7 @@ class Unit:
     @property
     def key(self) -> str:
         """File name of the unit's part: the case id for a single case, else the mode and a digest of its cases."""
-        if self.kind == SINGLE and _SAFE.match(self.case_ids[0]):
+        if self.kind == SINGLE and len(self.case_ids) == 1 and _SAFE.match(self.case_ids[0]):
             return self.case_ids[0]
         return f"{self.kind}{len(self.case_ids)}-{sha256_text(dumps_line(list(self.case_ids)))[:16]}"
 
@@ -50,12 +50,15 @@ class Plan:
         return [u for u in self.units if u.index % count == index]
 
 
-def make_plan(fingerprint: str, case_ids: Sequence[str], mode: Mode = Mode()) -> Plan:
-    """Units of ``mode.size`` consecutive cases in the given order (the last stream may be shorter)."""
+def make_plan(fingerprint: str, case_ids: Sequence[str], mode: Mode = Mode(), group: int = 1) -> Plan:
+    """Units of ``mode.size`` consecutive cases in the given order (the last stream may be shorter); single-case
+    modes: units of ``group`` independent cases (the last group may be shorter)."""
     ids = list(case_ids)
     if len(set(ids)) != len(ids):
         raise ValueError("a plan's case ids must be distinct")
-    size = 1 if mode.kind == SINGLE else mode.size
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    size = group if mode.kind == SINGLE else mode.size
     units = tuple(Unit(i, tuple(ids[j:j + size]), mode.kind) for i, j in enumerate(range(0, len(ids), size)))
     return Plan(fingerprint, units, tuple(ids))
 
