@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 

@@ -547,6 +547,7 @@ def test_a_stream_cell_gets_its_own_protocol_table_and_labelled_group(tmp_path):
     entry = both["cells"]["paper/gpt-j-6b/memit.seq16"]
     assert entry["mode"] == "seq16-final" and entry["paper"]["protocol"] == "paper+seq16-final"
     assert "mode" not in both["cells"]["paper/gpt-j-6b/rome"]
+    assert alone["cells"]["paper/gpt-j-6b/rome"] == both["cells"]["paper/gpt-j-6b/rome"]
     md_a, md_b = (tmp_path / "a.md").read_text(), (tmp_path / "b.md").read_text()
     assert "### paper/gpt-j-6b — protocol `paper+seq16-final` (sequential stream of 16 edits, evaluated after all " \
            "16 edits; not comparable with single edits)" in md_b
