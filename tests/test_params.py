@@ -58,3 +58,24 @@ def test_paper_memit_values_follow_the_reference():
     assert (hp["gpt-j-6b"].clamp_norm_factor, hp["tinyllama-1.1b"].clamp_norm_factor) == (0.75, 8)
     assert hp["tinyllama-1.1b"].mom2_update_weight == 20000 and hp["llama3-8b"].mom2_update_weight == 15000
     assert all(h.v_lr == 0.5 and h.v_num_grad_steps == 20 and h.kl_factor == 0.0625 for h in hp.values())
+
+
+def test_run_dtype_is_checked_and_defaults_to_the_stored_dtype():
+    import copy
+
+    import pytest
+
+    from basis.errors import UserError
+    from basis.params import get_profile, run_dtype
+
+    assert run_dtype({"dtype": "bfloat16"}) == "bfloat16" and run_dtype({}) == "float32"
+    assert run_dtype({"dtype": "float32", "run_dtype": "bfloat16"}) == "bfloat16"
+    for field in ("dtype", "run_dtype", "edit_group"):
+        params = copy.deepcopy(PARAMS)
+        target = params["profiles"]["embedded"]
+        if field == "edit_group":
+            target["edit_group"] = 0
+        else:
+            target["models"]["smollm2-135m"][field] = "fp8"
+        with pytest.raises(UserError, match=field):
+            get_profile(params, "embedded")
