@@ -67,6 +67,9 @@ class EditHandle:
     swaps: list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]] = field(default_factory=list)
     resets: list[Callable[[], None]] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)  # deterministic facts, stored in the result row
+    # in-memory facts later edits of the same unit read (AlphaEdit: the keys this edit wrote); never stored, and
+    # gone with the handle when the unit is restored, so nothing carries over to the next case or cell
+    memo: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)  # wall-clock figures, stored in the timings sidecar
     restored: bool = False
 
@@ -125,10 +128,16 @@ class EditContext:
     """What the framework hands an editor for one unit of work (a case, a stream, a batch): the extra loss terms
     of the cell (SADR when it is a ``+sadr`` cell) and access to the unedited model."""
 
-    def __init__(self, model, sadr: dict[str, Any] | None = None):
+    def __init__(self, model, sadr: dict[str, Any] | None = None, steps_matched: bool = False):
         self.model = model
         self.sadr = sadr  # {"gamma": γ, "hinge": bool} for a +sadr cell, else None
+        self.steps_matched = steps_matched  # a +steps cell: SADR's step count without SADR's loss (the control)
         self.handles: list[EditHandle] = []  # edits applied so far in this unit, oldest first
+
+    @property
+    def sadr_step_count(self) -> bool:
+        """Optimise for SADR's step count (hparams ``sadr_steps``) instead of the editor's own: +sadr and +steps."""
+        return self.sadr is not None or self.steps_matched
 
     @property
     def pristine(self) -> bool:
@@ -267,7 +276,9 @@ def as_v2(obj) -> Editor:
 
 
 # name -> "module:Class" (imported only when asked for) or the class itself
-_BUILTINS: dict[str, Any] = {"none": "editors.none:NoEdit", "rome": "editors.rome:Rome", "memit": "editors.memit:Memit"}
+_BUILTINS: dict[str, Any] = {"none": "editors.none:NoEdit", "rome": "editors.rome:Rome", "memit": "editors.memit:Memit",
+                             "alphaedit": "editors.alphaedit:AlphaEdit", "pmet": "editors.pmet:Pmet",
+                             "ft": "editors.ft:FineTune"}
 
 
 def available_editors() -> list[str]:

@@ -1,11 +1,12 @@
-"""Shared locate-then-edit core (reference-spec §4.1): ROME and MEMIT now, PMET/AlphaEdit/IntAttn-Edit next.
+"""Shared locate-then-edit core (reference-spec §4.1): ROME, MEMIT, PMET, AlphaEdit (IntAttn-Edit next).
 
 Each equation lives once here:
 - context templates: ``["{}"]`` + sampled prefixes (top-k = 5) from ["The", "Therefore", "Because", "I", "You"];
 - subject-last-token positions; key averaging k̄ = mean_j k(x_j ⊕ prompt) at the subject's last token;
 - target-vector optimisation: v* = v_init + δ minimising
   NLL(target | x_j ⊕ prompt, δ) + ω·KL(P_δ ‖ P_0)["{subject} is a"] + wd·‖δ‖/‖v_init‖² + Σ extra losses,
-  with n iterations and n−1 Adam steps, early stop at total loss < 0.05, δ clamped to clamp·‖v_init‖;
+  with n iterations and n−1 Adam steps, early stop at total loss < 0.05, δ clamped to clamp·‖v_init‖; one δ per
+  hooked site (PMET optimises two jointly, each with its own weight decay and clamp) and PMET's NLL schedule;
 - the ROME rank-one update  u = C⁻¹k̄/‖C⁻¹k̄‖,  r = (v* − W k*)/(k*·u),  W ← W + r uᵀ;
 - the MEMIT least-squares update  ΔW = R Kᵀ (λC + K Kᵀ)⁻¹  (float64 solve);
 - grouped key averaging (MEMIT/PMET: per template group first, then across groups);
@@ -175,6 +176,10 @@ class VHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    # PMET's schedule (spec §4.1): while every label is the argmax, the NLL is weighted 0.1·nll_loss_factor at the
+    # next step, and the loop stops once the weighted essence KL is <= 0.01 in that state
+    nll_loss_factor: float = 1.0
+    argmax_schedule: bool = False
 
 
 @dataclass
@@ -252,7 +257,9 @@ class LocateEditor(Editor):
     capabilities = frozenset({"sadr", "sequential"})
     undo = "weights"
     hparams_cls: ClassVar[type[LocateHparams]] = LocateHparams
-    target_at: ClassVar[str] = "mlp"  # where δ enters layer ``hp.layer``: "mlp" (ROME) or "block" (MEMIT's z)
+    # where δ enters layer ``hp.layer``: "mlp" (ROME), "block" (MEMIT's z), or several sites optimised jointly
+    # (PMET: ("mlp_out", "attn_out")); the first site's v* is the one `write` gets as ``VResult.v_star``
+    target_at: ClassVar[str | tuple[str, ...]] = "mlp"
 
     def targets(self, model, tok, cases: Sequence[Case], hp: LocateHparams, ctx) -> list["VResult"]:
         """v* of every case on the model as it is now, in one batched loop (optimise_targets)."""
@@ -262,40 +269,43 @@ class LocateEditor(Editor):
         templates = self.templates(model, tok, hp)
         batches = [build_batch(tok, make_request(c), templates, dev) for c in cases]
         extras = [ctx.extra_losses(first_layer=hp.layer + 1) for _ in cases]  # SADR's term on a +sadr cell
-        vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if any(extras) else hp
-        return optimise_targets(model, batches, arch_for(model).layer(self.target_at, hp.layer), vhp, extras)
+        vhp = replace(hp, v_num_grad_steps=hp.sadr_steps) if ctx.sadr_step_count else hp
+        sites = (self.target_at,) if isinstance(self.target_at, str) else self.target_at
+        arch = arch_for(model)
+        return optimise_targets(model, batches, [arch.layer(s, hp.layer) for s in sites], vhp, extras)
 
-    def write(self, model, tok, cases: list[Case], results: list["VResult"], hp: LocateHparams) -> EditHandle:
-        """Apply the weight update that maps each case's key to its v*; returns the handle (diagnostics set)."""
+    def write(self, model, tok, cases: list[Case], results: list["VResult"], hp: LocateHparams,
+              ctx) -> EditHandle:
+        """Apply the weight update that maps each case's key to its v*; returns the handle (diagnostics set).
+        ``ctx`` holds the unit's earlier edits (AlphaEdit protects their keys in a stream)."""
         raise NotImplementedError
 
-    def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx) -> EditHandle:
+    def _write_timed(self, model, tok, cases, results, hp, ctx, optimise_s: float, **extra) -> EditHandle:
         import time
 
-        self.check_hparams(model, hparams)  # every edited layer exists
-        hp = self.hparams_cls.from_dict(hparams)
         t0 = time.perf_counter()
-        results = self.targets(model, tok, cases, hp, ctx)
-        t1 = time.perf_counter()
-        handle = self.write(model, tok, cases, results, hp)
-        handle.timings = {"optimise_s": t1 - t0, "write_s": time.perf_counter() - t1,
+        handle = self.write(model, tok, cases, results, hp, ctx)
+        handle.timings = {"optimise_s": optimise_s, "write_s": time.perf_counter() - t0, **extra,
                           "step_s": [x for r in results for x in r.step_seconds], **handle.timings}
         return handle
 
-    def apply_each(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx):
+    def _targets_timed(self, model, tok, cases, hparams, ctx):
         import time
 
         self.check_hparams(model, hparams)  # every edited layer exists
         hp = self.hparams_cls.from_dict(hparams)
         t0 = time.perf_counter()
         results = self.targets(model, tok, cases, hp, ctx)
-        shared = (time.perf_counter() - t0) / len(cases)
+        return hp, results, time.perf_counter() - t0
+
+    def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx) -> EditHandle:
+        hp, results, seconds = self._targets_timed(model, tok, cases, hparams, ctx)
+        return self._write_timed(model, tok, cases, results, hp, ctx, seconds)
+
+    def apply_each(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx):
+        hp, results, seconds = self._targets_timed(model, tok, cases, hparams, ctx)
         for case, res in zip(cases, results):
-            t1 = time.perf_counter()
-            handle = self.write(model, tok, [case], [res], hp)
-            handle.timings = {"optimise_s": shared, "write_s": time.perf_counter() - t1, "group": len(cases),
-                              "step_s": res.step_seconds, **handle.timings}
-            yield handle
+            yield self._write_timed(model, tok, [case], [res], hp, ctx, seconds / len(cases), group=len(cases))
 
     def check_hparams(self, model, hparams: dict[str, Any]) -> None:
         """Raise HparamsError unless ``hparams`` parse and every edited layer exists in ``model`` (run before any
@@ -394,13 +404,27 @@ class VResult:
     losses: list[dict[str, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)  # what the extra losses report (SADR's selected heads)
+    # the other hooked sites of a joint optimisation (PMET's attention output): module -> (v_init, v*)
+    others: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def optimise_target(model, batch: Batch, hook_module: str, hp: VHparams,
+def optimise_target(model, batch: Batch, hook_module: str | Sequence[str], hp: VHparams,
                     extra_losses: Sequence[ExtraLoss] = (), all_logits: bool = False,
                     prefix_cache: bool = True) -> VResult:
     """The target-vector loop of ROME/MEMIT/PMET (spec §4.1 step 5) for one edit; see `optimise_targets`."""
     return optimise_targets(model, [batch], hook_module, hp, [extra_losses], all_logits, prefix_cache)[0]
+
+
+def site_layer(model, module_name: str) -> tuple[int, str]:
+    """(layer, kind) of a module where δ may enter: a block, an MLP, a down-projection or an attention output."""
+    from model_layer.arch import arch_for
+
+    arch = arch_for(model)
+    for i in range(arch.n_layers(model.config)):
+        for kind in ("block", "mlp", "mlp_out", "attn_out"):
+            if arch.layer(kind, i) == module_name:
+                return i, kind
+    raise ValueError(f"{module_name!r} is not a block, MLP, down-projection or attention output of the model")
 
 
 def stack_batches(batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -414,7 +438,7 @@ def stack_batches(batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor,
     return ids, mask, offsets
 
 
-def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHparams,
+def optimise_targets(model, batches: Sequence[Batch], hook_module: str | Sequence[str], hp: VHparams,
                      extra_losses: Sequence[Sequence[ExtraLoss]] | None = None, all_logits: bool = False,
                      prefix_cache: bool = True) -> list[VResult]:
     """The target-vector loop for k independent edits at once (k = len(batches)): every case's rows stacked in one
@@ -423,11 +447,13 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHpa
     never interact, so each v*_i equals its one-case run up to float rounding (tests/test_batched_edits.py); k = 1
     is the one-case loop.
 
-    ``hook_module`` is layer L's MLP or block. With ``prefix_cache`` (and an architecture whose MLP output enters
-    the residual stream as is), the blocks 0..L run once, at step 0 (δ = 0): later steps replay block L's cached
-    output and add δ there (model_layer.hooks.replay_prefix), which equals adding it to the MLP output up to float
-    rounding. ``all_logits`` computes the logits at every position, as the reference does (same values). Both
-    switches exist for bench/bench_vstep.py."""
+    ``hook_module`` is layer L's MLP or block, or several modules of layer L (PMET: its down-projection and
+    attention output), each with its own δ, weight decay wd·‖δ_s‖/‖v_init,s‖² and clamp, one Adam step for all.
+    With ``prefix_cache``, the blocks below the change run once, at step 0 (δ = 0), and later steps replay their
+    cached output (model_layer.hooks.replay_prefix): for an MLP whose output enters the residual stream as is, or a
+    block, blocks 0..L and δ added to block L's output (equal up to float rounding); for sites inside block L,
+    blocks 0..L−1. ``all_logits`` computes the logits at every position, as the reference does (same values).
+    Both switches exist for bench/bench_vstep.py. ``hp.argmax_schedule`` adds PMET's NLL schedule (VHparams)."""
     import time
 
     from model_layer.arch import arch_for
@@ -437,17 +463,22 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHpa
     if len(extra_losses) != k:
         raise ValueError(f"{len(extra_losses)} lists of extra losses for {k} batches")
     dev = batches[0].input_ids.device
-    module = model.get_submodule(hook_module)
+    names = [hook_module] if isinstance(hook_module, str) else list(hook_module)
+    modules = [model.get_submodule(n) for n in names]
     arch = arch_for(model)
-    layer = next((i for i in range(arch.n_layers(model.config)) if hook_module in (arch.layer("block", i),
-                                                                                 arch.layer("mlp", i))), None)
-    if layer is None:
-        raise ValueError(f"{hook_module!r} is neither a block nor an MLP of the model")
-    blocks = [model.get_submodule(arch.layer("block", i)) for i in range(layer + 1)]
+    where = [site_layer(model, n) for n in names]
+    layer = where[0][0]
+    if any(w[0] != layer for w in where) or len(set(names)) != len(names):
+        raise ValueError(f"δ sites {names} must be distinct modules of one layer")
+    # blocks 0..L replayed with δ added to block L's output (one site: the block, or an MLP adding to the residual),
+    # else blocks 0..L−1 replayed and block L run with δ at its sites
+    through_block = len(names) == 1 and (where[0][1] == "block" or (where[0][1] == "mlp" and arch.mlp_adds_to_residual))
+    top = layer if through_block else layer - 1
+    blocks = [model.get_submodule(arch.layer("block", i)) for i in range(top + 1)]
     every_extra = [e for es in extra_losses for e in es]
-    # not where δ would pass a norm first, nor when an extra loss reads attention rows of the replayed blocks
-    prefix_cache = (prefix_cache and (module is blocks[-1] or arch.mlp_adds_to_residual)
-                    and all(e.first_layer > layer for e in every_extra if e.needs_attentions))
+    # not when an extra loss reads attention rows of the replayed blocks
+    prefix_cache = (prefix_cache and top >= 0
+                    and all(e.first_layer > top for e in every_extra if e.needs_attentions))
     cached: list[torch.Tensor] = []
 
     input_ids, attention_mask, offsets = stack_batches(batches)
@@ -469,15 +500,20 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHpa
     kl_cols = [col[int(subject_idx[r])] for r in kl_rows]
 
     d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
-    deltas = [torch.zeros(d_model, dtype=torch.float32, device=dev, requires_grad=True) for _ in batches]
-    opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
-    v_init: list[torch.Tensor] = []
+    n_sites = len(names)
+    # deltas[i][s]: case i's δ at site s (one Adam over a case's δs, as PMET's single optimiser over both)
+    deltas = [[torch.zeros(d_model, dtype=torch.float32, device=dev, requires_grad=True) for _ in names]
+              for _ in batches]
+    opts = [torch.optim.Adam(ds, lr=hp.v_lr) for ds in deltas]
+    v_init: list[list[torch.Tensor]] = [[] for _ in names]  # per site, per case
 
-    def first(hs):  # the module's unchanged output at the subject's last token of each case's first row
-        v_init.extend(hs[o, subject_idx[o]].detach().float().clone() for o in offsets)
+    def first(site):
+        def read(hs):  # the site's unchanged output at the subject's last token of each case's first row
+            v_init[site].extend(hs[o, subject_idx[o]].detach().float().clone() for o in offsets)
+        return read
 
-    def delta_rows():
-        return torch.stack(deltas)[row_case]  # [rows, d]: case i's δ in case i's rows
+    def delta_rows(site):
+        return lambda: torch.stack([ds[site] for ds in deltas])[row_case]  # [rows, d]: case i's δ in its rows
 
     need_attn = bool(every_extra) and any(e.needs_attentions for e in every_extra)
     q_off = [sum(b.n_rewrite for b in batches[:i]) for i in range(k)]
@@ -495,6 +531,7 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHpa
     step_s: list[float] = []
     done: dict[int, int] = {}  # case -> steps it ran
     kl_init: list[torch.Tensor] = []
+    nll_factor = [hp.nll_loss_factor] * k
     try:
         with attn_ctx as attn:
             for it in range(hp.v_num_grad_steps):
@@ -502,12 +539,15 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHpa
                 for o in opts:
                     o.zero_grad()
                 with contextlib.ExitStack() as stack:
-                    if cached:  # blocks 0..L replayed; δ added to block L's output
+                    if cached:  # the blocks below replayed
                         stack.enter_context(replay_prefix(blocks, cached[0]))
-                        stack.enter_context(inject(blocks[-1], rows, subject_idx, delta_rows))
+                    if cached and through_block:  # δ added to block L's output
+                        stack.enter_context(inject(blocks[-1], rows, subject_idx, delta_rows(0)))
                     else:
-                        stack.enter_context(inject(module, rows, subject_idx, delta_rows, on_first=first))
-                        if prefix_cache:
+                        for s_, m_ in enumerate(modules):
+                            stack.enter_context(inject(m_, rows, subject_idx, delta_rows(s_),
+                                                       on_first=None if cached else first(s_)))
+                        if prefix_cache and not cached:
                             cap = stack.enter_context(capture(blocks[-1]))
                     out = model(input_ids=input_ids, attention_mask=attention_mask,
                                 logits_to_keep=0 if all_logits else keep_t, use_cache=False)
@@ -524,10 +564,10 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHpa
                     if i in done:
                         continue
                     lr_, lc, li = lab[i]
-                    nll = -logp[lr_, lc, li].sum() / (len(b.labels) * b.n_rewrite)
+                    nll = -nll_factor[i] * logp[lr_, lc, li].sum() / (len(b.labels) * b.n_rewrite)
                     kl = hp.kl_factor * F.kl_div(kl_init[i], logp[kl_rows[i], kl_cols[i]].unsqueeze(0),
                                                  log_target=True, reduction="batchmean")
-                    wd = hp.v_weight_decay * (deltas[i].norm() / v_init[i].norm() ** 2)
+                    wd = hp.v_weight_decay * sum(d.norm() / v_init[s_][i].norm() ** 2 for s_, d in enumerate(deltas[i]))
                     loss = nll + kl + wd
                     parts = {"nll": nll.item(), "kl": kl.item(), "wd": wd.item()}
                     for extra in extra_losses[i]:
@@ -539,7 +579,12 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHpa
                             parts[type(extra).__name__] = term.item()
                     parts["total"] = loss.item()
                     losses[i].append(parts)
-                    if loss.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                    stop = loss.item() < hp.early_stop_loss
+                    if hp.argmax_schedule and not stop:  # PMET: every label is the argmax → relax the NLL
+                        argmax = bool((logp[lr_, lc].argmax(-1) == li).all())
+                        nll_factor[i] = hp.nll_loss_factor * (0.1 if argmax else 1.0)
+                        stop = argmax and kl.item() <= 0.01
+                    if stop or it == hp.v_num_grad_steps - 1:
                         done[i] = it + 1  # no update at the step that stops it (the one-case loop's break)
                     else:
                         total = loss if total is None else total + loss
@@ -547,21 +592,24 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str, hp: VHpa
                     step_s.append(time.perf_counter() - t0)
                     break
                 total.backward()  # rows never interact: ∂total/∂δ_i = ∂loss_i/∂δ_i
-                for i, (d, o) in enumerate(zip(deltas, opts)):
+                for i, (ds, o) in enumerate(zip(deltas, opts)):
                     if i in done:
                         continue
                     o.step()
                     with torch.no_grad():
-                        max_norm = hp.clamp_norm_factor * v_init[i].norm()
-                        if d.norm() > max_norm:
-                            d.mul_(max_norm / d.norm())
+                        for s_, d in enumerate(ds):
+                            max_norm = hp.clamp_norm_factor * v_init[s_][i].norm()
+                            if d.norm() > max_norm:
+                                d.mul_(max_norm / d.norm())
                 step_s.append(time.perf_counter() - t0)
     finally:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
-    return [VResult(v_star=(v_init[i] + deltas[i]).detach(), v_init=v_init[i], steps=done[i], losses=losses[i],
-                    step_seconds=step_s[: done[i]],
-                    notes={key: v for e in extra_losses[i] for key, v in getattr(e, "notes", dict)().items()})
+    return [VResult(v_star=(v_init[0][i] + deltas[i][0]).detach(), v_init=v_init[0][i], steps=done[i],
+                    losses=losses[i], step_seconds=step_s[: done[i]],
+                    notes={key: v for e in extra_losses[i] for key, v in getattr(e, "notes", dict)().items()},
+                    others={names[s_]: (v_init[s_][i], (v_init[s_][i] + deltas[i][s_]).detach())
+                            for s_ in range(1, n_sites)})
             for i in range(k)]
 
 

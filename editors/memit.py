@@ -61,18 +61,23 @@ class Memit(LocateEditor):
     name = "memit"
     capabilities = frozenset({"sadr", "sequential", "batch"})
     target_at = "block"  # step 1: z* at the output of the last edit layer's block
+    residual_at: ClassVar[str] = "block"  # step 2's cur_z: the z layer's block output (PMET: its down-projection's)
 
-    def write(self, model, tok, cases: list[Case], results: list[VResult], hp: MemitHparams) -> EditHandle:
+    @staticmethod
+    def spread(remaining: int) -> float:
+        """The divisor of the residual at the i-th of L layers (remaining = L − i): MEMIT spreads it evenly."""
+        return remaining
+
+    def write(self, model, tok, cases: list[Case], results: list[VResult], hp: MemitHparams,
+              ctx=None) -> EditHandle:
         """Step 2 for ``cases`` at once: a batch of n cases stacks their keys K [d_in, n] and residuals R [d_out, n]
         (MEMIT's mass edit); one case is the batch of one."""
         import time
 
         t0 = time.perf_counter()
         arch = arch_for(model)
-        dev = next(model.parameters()).device
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        covs = {layer: self.covariance(model, tok, arch.layer("mlp_out", layer), hp).to(dev) for layer in hp.layers}
-        z_block = arch.layer("block", hp.layer)
+        z_block = arch.layer(self.residual_at, hp.layer)
         templates = self.templates(model, tok, hp)
         rows = [subject_rows(tok, make_request(case), templates) for case in cases]
         handle = EditHandle()
@@ -84,9 +89,9 @@ class Memit(LocateEditor):
                 keys, _ = module_io_at(model, mlp_out, r, s_idx, pad)
                 ks.append(grouped_mean(keys, hp.template_groups()))
                 _, cur_z = module_io_at(model, z_block, r[:1], s_idx[:1], pad)
-                resids.append((res.v_star - cur_z[0]) / (len(hp.layers) - i))
+                resids.append((res.v_star - cur_z[0]) / self.spread(len(hp.layers) - i))
             k, resid = (ks[0], resids[0]) if len(cases) == 1 else (torch.stack(ks), torch.stack(resids))
-            dw = least_squares_update(covs[layer], k, resid, hp.mom2_update_weight)
+            dw = self.layer_update(model, tok, layer, k, resid, hp, ctx)
             weight = model.get_submodule(mlp_out).weight
             handle.save(f"{mlp_out}.weight", weight)
             with torch.no_grad():
@@ -111,5 +116,15 @@ class Memit(LocateEditor):
                                       z_reached=[z for _, z in reached])
             if res.notes:
                 handle.diagnostics.update({key: [x.notes[key] for x in results] for key in res.notes})
+        self.after_write(model, tok, handle, rows, hp)
         handle.timings = {"update_s": time.perf_counter() - t0}
         return handle
+
+    def layer_update(self, model, tok, layer: int, k: torch.Tensor, resid: torch.Tensor, hp: MemitHparams,
+                     ctx) -> torch.Tensor:
+        """ΔW of one edit layer for keys ``k`` and residuals ``resid`` (one case: vectors; a batch: rows)."""
+        c = self.covariance(model, tok, arch_for(model).layer("mlp_out", layer), hp).to(k.device)
+        return least_squares_update(c, k, resid, hp.mom2_update_weight)
+
+    def after_write(self, model, tok, handle: EditHandle, rows, hp: MemitHparams) -> None:
+        """Called once every layer is written (AlphaEdit records the edit's keys for later edits of a stream)."""

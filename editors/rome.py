@@ -38,7 +38,8 @@ class Rome(LocateEditor):
     hparams_cls = RomeHparams
     target_at = "mlp"  # step 3: δ at the MLP output of `layer`
 
-    def write(self, model, tok, cases: list[Case], results: list[VResult], hp: RomeHparams) -> EditHandle:
+    def write(self, model, tok, cases: list[Case], results: list[VResult], hp: RomeHparams,
+              ctx=None) -> EditHandle:
         """Steps 1, 2 and 4 for one case whose v* is ``results[0]``."""
         import time
 

@@ -199,3 +199,35 @@ def stats_report(path: str | Path) -> dict:
 
 def corpus_sha256(path: str | Path) -> str:
     return sha256_file(path)
+
+
+# --------------------------------------------------------------------------------------------- null space
+def nullspace_basis(c: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Û [d, r]: the eigenvectors of the symmetric C whose eigenvalue is below ``threshold`` (AlphaEdit's
+    `get_project` keeps the singular vectors of C with singular value < threshold; for a symmetric positive
+    semi-definite C those are the same vectors). Solved in float64 (the original: fp32 SVD); P = Û Ûᵀ."""
+    evals, evecs = torch.linalg.eigh(c.double())
+    return evecs[:, evals < threshold].float().contiguous()
+
+
+def projection_filename(key: StatsKey, threshold: float) -> str:
+    h = sha256_text(dumps_line({"mom2": key.__dict__, "nullspace_threshold": threshold}))[:16]
+    return f"{key.module}.nullspace.{h}.npz"
+
+
+def load_or_compute_nullspace(stats_dir: str | Path, key: StatsKey, threshold: float, c_fn) -> torch.Tensor:
+    """Û for C of ``key`` (``c_fn()`` gives C) and ``threshold``, from ``stats_dir`` or computed and saved there
+    atomically (content-named by the statistics' key and the threshold; a DVC output beside C)."""
+    path = Path(stats_dir) / projection_filename(key, threshold)
+    if path.is_file():
+        with np.load(path) as z:
+            return torch.from_numpy(z["basis"]).float()
+    c = c_fn()
+    basis = nullspace_basis(c, threshold)
+    evals = torch.linalg.eigvalsh(c.double())
+    meta = {"dim": int(c.shape[0]), "rank_kept": int(basis.shape[1]), "threshold": threshold,
+            "eig_min": float(evals[0]), "eig_max": float(evals[-1])}
+    buf = io.BytesIO()
+    np.savez(buf, basis=basis.numpy(), key=np.array(dumps_line(key.__dict__)), meta=np.array(json.dumps(meta)))
+    atomic_write_bytes(path, buf.getvalue())
+    return basis

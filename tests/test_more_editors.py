@@ -1,0 +1,245 @@
+"""AlphaEdit, PMET and FT-L (±SADR) on tiny random models of every architecture: target_new on top after the edit,
+only the intended tensors touched, bit-exact restore, each update against its closed form on a hand-sized example,
+AlphaEdit's cache of earlier edits (in a stream only, never across single edits), PMET's joint two-site loop and
+NLL schedule, FT-L's L∞ ball, and cells through the harness."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors.alphaedit import AlphaEdit, projected_update
+from editors.base import EditContext, get_editor
+from editors.core import (VHparams, build_batch, generate_context_templates, least_squares_update, make_request,
+                          optimise_target, target_ids)
+from editors.ft import FineTune, FTHparams
+from editors.pmet import Pmet
+from editors.stats import nullspace_basis
+from model_layer.arch import arch_for
+from model_layer.checksum import param_checksum
+from model_layer.loading import load_model
+from test_memit import memit_hparams
+from test_rome_sadr import CASES, TINY_CASE, next_token_logits
+
+ARCHS = ["gptj", "gpt_neox", "llama", "gemma3"]
+
+
+def p_first_new(model, tok, case=TINY_CASE) -> float:
+    first_new = target_ids(tok, case.prompt, case.target_new)[0]
+    return next_token_logits(model, tok, case.prompt).softmax(-1)[first_new].item()
+
+
+def changed(model, before: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n]))
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------- closed forms
+
+def test_nullspace_basis_keeps_the_eigenvectors_below_the_threshold():
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    c = q @ torch.diag(torch.tensor([1e-4, 3e-3, 0.5, 2.0, 9.0], dtype=torch.float64)) @ q.T
+    u = nullspace_basis(c.float(), 1e-2)
+    assert u.shape == (5, 2)
+    p = (u @ u.T).double()
+    assert torch.allclose(p, q[:, :2] @ q[:, :2].T, atol=1e-5)  # the projector onto the two small directions
+
+
+def test_alphaedit_update_matches_its_closed_form_and_spares_the_preserved_keys():
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, l2 = 6, 4, 10.0
+    q, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))
+    u = q[:, :3].float()  # the null space of the preserved keys' second moment
+    k, r = torch.randn(2, d_in, generator=g), torch.randn(2, d_out, generator=g)
+    cache = torch.randn(d_in, 3, generator=g, dtype=torch.float64)
+    cache = cache @ cache.T
+    dw = projected_update(u, k, r, l2, cache)
+    p = q[:, :3] @ q[:, :3].T
+    kk = k.double().T @ k.double() + cache
+    want = torch.linalg.inv(p @ kk + l2 * torch.eye(d_in, dtype=torch.float64)) @ p @ k.double().T @ r.double()
+    assert dw.shape == (d_out, d_in) and torch.allclose(dw.double(), want.T, atol=1e-5)
+    preserved = q[:, 3:].float()  # keys outside the null space (what the statistics saw): untouched outputs
+    assert (dw @ preserved).abs().max() < 1e-5
+    assert (dw @ k.T).abs().max() > 1e-2  # while the edited keys move
+
+
+def test_pmet_spreads_the_residual_by_the_square_root_of_the_remaining_layers():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    c = (a @ a.T / 5 + torch.eye(5, dtype=torch.float64)).float()
+    k, r = torch.randn(5, generator=g), torch.randn(3, generator=g)
+    assert Pmet.spread(4) == 2.0 and AlphaEdit.spread(4) == 4  # AlphaEdit keeps MEMIT's even spread
+    dw = least_squares_update(c, k, r / Pmet.spread(4), 100.0)
+    want = (r.double() / 2)[:, None] @ k.double()[None] @ torch.linalg.inv(
+        torch.outer(k.double(), k.double()) + 100.0 * c.double())
+    assert torch.allclose(dw.double(), want, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+
+def alpha_hparams(mirror, tmp_path, **kw):
+    hp = memit_hparams(mirror, tmp_path, **kw)
+    hp.pop("mom2_update_weight")
+    hp.setdefault("nullspace_threshold", 1e9)  # every direction: P = I (the projection itself is tested below)
+    hp.setdefault("L2", 1.0)
+    return hp
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_alphaedit_edits_only_its_layers_and_restores_exactly(arch, tiny_model_dirs, mirror, tmp_path):
+    model, tok = load_model(str(tiny_model_dirs[arch]))
+    before, ck, p0 = snapshot(model), param_checksum(model), p_first_new(model, tok)
+    handle = AlphaEdit().edit(model, tok, TINY_CASE, alpha_hparams(mirror, tmp_path))
+    assert p_first_new(model, tok) > 10 * p0
+    spec = arch_for(model)
+    assert changed(model, before) == sorted(spec.layer("mlp_out", i) + ".weight" for i in (0, 1))
+    assert handle.diagnostics["nullspace_dims"] == [model.get_submodule(spec.layer("mlp_out", 0)).in_features] * 2
+    handle.restore()
+    assert param_checksum(model) == ck
+
+
+def test_alphaedit_projection_protects_the_statistics_directions(tiny_model_dirs, mirror, tmp_path):
+    """With the threshold at C's median eigenvalue, the update leaves C's top eigenvector's output unchanged."""
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    hp = alpha_hparams(mirror, tmp_path)
+    editor = AlphaEdit()
+    editor.prepare(model, tok, hp, progress=False)
+    module = arch_for(model).layer("mlp_out", 1)
+    c = editor.covariance(model, tok, module, AlphaEdit.hparams_cls.from_dict(hp))
+    evals, evecs = torch.linalg.eigh(c.double())
+    hp["nullspace_threshold"] = float(evals[len(evals) // 2])
+    before = model.get_submodule(module).weight.detach().clone()
+    handle = editor.edit(model, tok, TINY_CASE, hp)
+    dw = model.get_submodule(module).weight.detach() - before
+    top = evecs[:, -1].float()
+    assert (dw @ top).norm() < 1e-4 * dw.norm() and dw.norm() > 0
+    assert handle.diagnostics["nullspace_dims"][1] == len(evals) // 2
+    assert any(a.kind == "projection" for a in editor.artefacts(model, tok, hp))  # a DVC artefact beside C
+    handle.restore()
+
+
+def test_alphaedit_caches_earlier_keys_in_a_stream_only(tiny_model_dirs, mirror, tmp_path, monkeypatch):
+    import editors.alphaedit as ae
+
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    seen = []
+    real = ae.projected_update
+    monkeypatch.setattr(ae, "projected_update", lambda *a: seen.append(a[4]) or real(*a))
+    hp = alpha_hparams(mirror, tmp_path, v_num_grad_steps=3)
+    editor, ck = AlphaEdit(), param_checksum(model)
+    ctx = EditContext(model)  # a stream: two edits, no restore in between
+    for case in CASES[:2]:
+        ctx.push(editor.apply(model, tok, [case], hp, ctx))
+    assert seen[0] is None and seen[1] is None  # first edit (both layers): nothing earlier
+    k1 = ctx.handles[0].memo[ae.MEMO]
+    assert torch.allclose(seen[2], k1[0].T @ k1[0]) and torch.allclose(seen[3], k1[1].T @ k1[1])
+    ctx.restore_all()
+    assert param_checksum(model) == ck
+    seen.clear()
+    ctx = EditContext(model)  # independent edits: each on the unedited model, restored before the next
+    for handle in editor.apply_each(model, tok, CASES[:2], hp, ctx):
+        ctx.push(handle)
+        ctx.restore_all()
+    assert seen == [None] * 4 and param_checksum(model) == ck
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pmet_writes_only_the_mlps_and_restores_exactly(arch, tiny_model_dirs, mirror, tmp_path):
+    model, tok = load_model(str(tiny_model_dirs[arch]))
+    before, ck, p0 = snapshot(model), param_checksum(model), p_first_new(model, tok)
+    handle = Pmet().edit(model, tok, TINY_CASE, memit_hparams(mirror, tmp_path, mom2_update_weight=10))
+    assert p_first_new(model, tok) > 10 * p0
+    spec = arch_for(model)
+    assert changed(model, before) == sorted(spec.layer("mlp_out", i) + ".weight" for i in (0, 1))
+    assert handle.diagnostics["attn_delta_norm"] > 0 and handle.diagnostics["delta_norm"] > 0
+    handle.restore()
+    assert param_checksum(model) == ck
+
+
+def test_pmet_joint_loop_and_its_argmax_schedule(tiny_model_dirs):
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    spec = arch_for(model)
+    batch = build_batch(tok, make_request(TINY_CASE), generate_context_templates(model, tok, ((5, 5),)), "cpu")
+    sites = [spec.layer("mlp_out", 1), spec.layer("attn_out", 1)]
+    hp = VHparams(layer=1, v_num_grad_steps=30, early_stop_loss=0.0, kl_factor=0.0, v_lr=0.5)
+    plain = optimise_target(model, batch, sites, hp)
+    assert plain.steps == 30 and set(plain.others) == {sites[1]}
+    init_attn, z_attn = plain.others[sites[1]]
+    assert (z_attn - init_attn).norm() > 0 and (plain.v_star - plain.v_init).norm() > 0
+    # with the schedule and no KL weight, the loop stops at the first step where every label is the argmax
+    sched = optimise_target(model, batch, sites, VHparams(**{**hp.__dict__, "argmax_schedule": True}))
+    assert sched.steps < 30
+    # the two sites' caches replay blocks 0..L−1 only: the same v* as running every block each step
+    again = optimise_target(model, batch, sites, hp, prefix_cache=False)
+    assert (again.v_star - plain.v_star).norm() <= 1e-4 * (plain.v_star - plain.v_init).norm()
+
+
+def ft_hparams(**kw):
+    return {"layer": 1, "num_steps": 25, "lr": 5e-3, "norm_constraint": 2e-2, **kw}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ft_stays_in_its_linf_ball_and_restores_exactly(arch, tiny_model_dirs):
+    model, tok = load_model(str(tiny_model_dirs[arch]))
+    before, ck, p0 = snapshot(model), param_checksum(model), p_first_new(model, tok)
+    flags = [p.requires_grad for p in model.parameters()]
+    handle = FineTune().edit(model, tok, TINY_CASE, ft_hparams())
+    assert p_first_new(model, tok) > 10 * p0
+    name = arch_for(model).layer("mlp_out", 1) + ".weight"
+    assert changed(model, before) == [name]
+    dw = dict(model.named_parameters())[name].detach() - before[name]
+    assert dw.abs().max() <= 2e-2 + 1e-7 and handle.diagnostics["update_max_abs"] == pytest.approx(float(dw.abs().max()))
+    assert [p.requires_grad for p in model.parameters()] == flags  # the loop gave the flags back
+    handle.restore()
+    assert param_checksum(model) == ck
+
+
+def test_ft_sadr_is_nothing_at_gamma_zero_and_something_above(tiny_model_dirs):
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    name = arch_for(model).layer("mlp_out", 1) + ".weight"
+    weights = {}
+    for label, hp in (("plain", ft_hparams(num_steps=6)), ("zero", ft_hparams(sadr=True, sadr_steps=6, sadr_gamma=0.0)),
+                      ("strong", ft_hparams(sadr=True, sadr_steps=6, sadr_gamma=50.0))):
+        handle = get_editor("ft").edit(model, tok, CASES[0], hp)
+        weights[label] = dict(model.named_parameters())[name].detach().clone()
+        if label != "plain":
+            assert len(handle.diagnostics["sadr_selected_heads"]) == handle.diagnostics["steps"] - 1
+        handle.restore()
+    assert torch.allclose(weights["plain"], weights["zero"], atol=0, rtol=0)
+    assert not torch.equal(weights["plain"], weights["strong"])
+
+
+def test_ft_hparams_errors():
+    assert FTHparams.from_dict({"layer": 2}).norm_constraint == 5e-4
+    with pytest.raises(ValueError, match="FT-L needs hparams 'layer'"):
+        FTHparams.from_dict({})
+    with pytest.raises(ValueError, match=r"unknown FT-L hyper-parameter\(s\) \['layers'\]"):
+        FTHparams.from_dict({"layer": 1, "layers": [1]})
+    with pytest.raises(ValueError, match="'norm_constraint' must be > 0"):
+        FTHparams.from_dict({"layer": 1, "norm_constraint": 0})
+
+
+@pytest.mark.parametrize("cell", ["alphaedit+sadr.seq2", "pmet", "ft+sadr"])
+def test_new_editor_cells_through_the_harness(cell, tiny_model_dirs, mirror, tmp_path):
+    from basis.cells import parse_cell
+    from evaluators.harness import CellSpec, run_cell, run_pre
+
+    c = parse_cell(cell)
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    ck = param_checksum(model)
+    cases = CASES[:2]
+    hp = {"alphaedit": alpha_hparams(mirror, tmp_path, v_num_grad_steps=3, sadr_steps=3),
+          "pmet": memit_hparams(mirror, tmp_path, v_num_grad_steps=3, mom2_update_weight=10),
+          "ft": ft_hparams(num_steps=3, sadr_steps=3)}[c.editor]
+    editor = get_editor(c.editor)
+    editor.prepare(model, tok, hp, progress=False)
+    run_pre(model, tok, "tiny", "test", cases, tmp_path / "pre.jsonl", progress=False)
+    rows = run_cell(model, tok, CellSpec("test", "tiny", c.editor, c.sadr, hp, mode=c.mode), "test", cases,
+                    tmp_path / "pre.jsonl", tmp_path / f"{cell}.jsonl", verify_restore=True, progress=False)
+    assert [r["case_id"] for r in rows] == [x.case_id for x in cases]
+    for r in rows:
+        assert r["cell"] == f"test/tiny/{cell}" and r["editor"]["name"] == c.editor and r["post"] != r["pre"]
+        assert "attn_drift" in r["editor"]["diagnostics"]
+    assert param_checksum(model) == ck
