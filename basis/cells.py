@@ -1,9 +1,11 @@
 """The cell-id grammar, parsed in exactly one place.
 
-A cell name is ``<editor>[+sadr][.<mode>][.s<seed>]``:
+A cell name is ``<editor>[+sadr|+steps][.<mode>][.s<seed>]``:
 
 - ``editor``: letters, digits, ``-`` and ``_`` (the name becomes a file name, so nothing else is accepted);
 - ``+sadr``: the editor with SADR's attention-drift loss added to its optimisation;
+- ``+steps``: the steps-matched control — the editor at SADR's step count (hparams ``sadr_steps``) without SADR's
+  loss, so ``+sadr`` minus ``+steps`` is SADR's effect beyond the extra optimisation steps;
 - ``mode`` (default: one case at a time, weights restored after each case):
   ``seq<T>``       a sequential stream of T cases edited one after the other with no restore in between,
                    every case evaluated after the whole stream (evaluation timing "final");
@@ -23,7 +25,8 @@ from typing import Any
 from basis.errors import UserError
 
 SADR_SUFFIX = "+sadr"
-_NAME = re.compile(r"^(?P<editor>[A-Za-z0-9][A-Za-z0-9_-]*)(?P<sadr>\+sadr)?"
+STEPS_SUFFIX = "+steps"
+_NAME = re.compile(r"^(?P<editor>[A-Za-z0-9][A-Za-z0-9_-]*)(?:(?P<sadr>\+sadr)|(?P<steps>\+steps))?"
                    r"(?:\.(?P<mode>seq(?P<seq>[0-9]+)(?P<each>-each)?|batch(?P<batch>[0-9]+)))?"
                    r"(?:\.s(?P<seed>[0-9]+))?$")
 SINGLE, SEQUENTIAL, BATCH = "single", "seq", "batch"
@@ -73,30 +76,32 @@ class CellName:
     sadr: bool = False
     mode: Mode = Mode()
     seed: int | None = None
+    steps: bool = False  # +steps: the steps-matched control (never together with sadr)
 
     @property
     def config(self) -> str:
         """The name without the seed suffix (what is averaged over seeds)."""
-        return self.editor + (SADR_SUFFIX if self.sadr else "") + (f".{self.mode.suffix}" if self.mode.suffix else "")
+        return self.variant + (f".{self.mode.suffix}" if self.mode.suffix else "")
 
     @property
     def variant(self) -> str:
-        """``editor[+sadr]`` (the editor as the leaderboard groups it, mode and seed left out)."""
-        return self.editor + (SADR_SUFFIX if self.sadr else "")
+        """``editor[+sadr|+steps]`` (the editor as the leaderboard groups it, mode and seed left out)."""
+        return self.editor + (SADR_SUFFIX if self.sadr else STEPS_SUFFIX if self.steps else "")
 
     def __str__(self) -> str:
         return self.config + ("" if self.seed is None else f".s{self.seed}")
 
     def with_seed(self, seed: int | None) -> "CellName":
-        return CellName(self.editor, self.sadr, self.mode, seed)
+        return CellName(self.editor, self.sadr, self.mode, seed, self.steps)
 
 
 def parse_cell(name: Any, where: str = "cell") -> CellName:
     """``"memit+sadr.seq16.s2"`` → CellName("memit", True, Mode("seq", 16, "final"), 2); errors name ``where``."""
     m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if m is None:
-        raise CellNameError(f"{where} {name!r} is not a cell name: expected <editor>[+sadr][.seq<T>[-each]|.batch<B>]"
-                            "[.s<seed>], e.g. rome+sadr, memit.seq16 or rome.s1 (letters, digits, '-' and '_' only)")
+        raise CellNameError(f"{where} {name!r} is not a cell name: expected <editor>[+sadr|+steps]"
+                            "[.seq<T>[-each]|.batch<B>][.s<seed>], e.g. rome+sadr, rome+steps, memit.seq16 or rome.s1 "
+                            "(letters, digits, '-' and '_' only)")
     if m["seq"] is not None:
         mode = Mode(SEQUENTIAL, int(m["seq"]), "each" if m["each"] else "final")
     elif m["batch"] is not None:
@@ -105,12 +110,12 @@ def parse_cell(name: Any, where: str = "cell") -> CellName:
         mode = Mode()
     if mode.size < 1:
         raise CellNameError(f"{where} {name!r}: a stream or batch needs at least one case")
-    cell = CellName(m["editor"], bool(m["sadr"]), mode, None if m["seed"] is None else int(m["seed"]))
+    cell = CellName(m["editor"], bool(m["sadr"]), mode, None if m["seed"] is None else int(m["seed"]), bool(m["steps"]))
     if str(cell) != name:  # "rome.s01", "memit.seq016": one spelling per cell, so file name and cell id agree
         raise CellNameError(f"{where} {name!r}: write it {str(cell)!r} (numbers without leading zeros)")
-    if cell.editor == "none" and (cell.sadr or mode.kind != SINGLE):
-        raise CellNameError(f"{where} {name!r}: the unedited baseline 'none' has no SADR, sequential or batch "
-                            "variant; use 'none'")
+    if cell.editor == "none" and (cell.sadr or cell.steps or mode.kind != SINGLE):
+        raise CellNameError(f"{where} {name!r}: the unedited baseline 'none' has no SADR, steps-matched, sequential "
+                            "or batch variant; use 'none'")
     return cell
 
 

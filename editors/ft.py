@@ -70,6 +70,7 @@ class FineTune(Editor):
     name = "ft"
     capabilities = frozenset({"sadr", "sequential"})
     undo = "weights"
+    hparams_cls = FTHparams
 
     def check_hparams(self, model, hparams: dict[str, Any]) -> None:
         hp = FTHparams.from_dict(hparams)

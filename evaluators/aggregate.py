@@ -56,6 +56,8 @@ def parse_cell_id(cell: str) -> dict:
     n = cid.name
     info = {"profile": cid.profile, "model": cid.model, "editor": str(n), "base_editor": n.editor, "sadr": n.sadr,
             "config": n.config, "seed": n.seed}
+    if n.steps:
+        info["steps_matched"] = True
     if n.mode.protocol_tag:
         info["mode"] = n.mode.protocol_tag
     return info

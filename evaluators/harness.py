@@ -44,10 +44,11 @@ class CellSpec:
     # editors optimise their v* together; each case is still edited alone, scored and restored). It changes float
     # rounding only, so it enters the fingerprint, never the cell name.
     group: int = 1
+    steps_matched: bool = False  # a +steps cell: SADR's step count without SADR (the steps-matched control)
 
     @property
     def name(self) -> CellName:
-        return CellName(self.editor, self.sadr, self.mode, self.seed)
+        return CellName(self.editor, self.sadr, self.mode, self.seed, self.steps_matched)
 
     @property
     def cell_id(self) -> str:
@@ -228,8 +229,10 @@ def prepare_cell(model, tok, spec: CellSpec, editor=None):
 
     editor = editor or get_editor(spec.editor)
     caps = editor.capabilities
-    if spec.sadr and "sadr" not in caps:
-        raise UserError(f"editor {spec.editor!r} does not support SADR: drop '+sadr' from the cell name")
+    if (spec.sadr or spec.steps_matched) and "sadr" not in caps:
+        what = "+sadr" if spec.sadr else "+steps"
+        raise UserError(f"editor {spec.editor!r} does not support SADR (nor its steps-matched control): drop "
+                        f"'{what}' from the cell name")
     if spec.mode.kind == "seq" and "sequential" not in caps:
         raise UserError(f"editor {spec.editor!r} cannot edit sequentially (no 'sequential' capability): drop "
                         f"'.{spec.mode.suffix}' from the cell name")
@@ -298,7 +301,7 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
                 diag[case.case_id]["attn_drift"] = probe.after(states[case.case_id])
             tim[case.case_id].update(score_s=t1 - t0, drift_s=time.perf_counter() - t1)
 
-        ctx = EditContext(model, sadr)
+        ctx = EditContext(model, sadr, steps_matched=spec.steps_matched)
         if mode.kind == SINGLE:  # independent edits: each case alone on the unedited model, scored, restored
             handles = editor.apply_each(model, tok, unit_cases, hparams, ctx)
             for case in unit_cases:

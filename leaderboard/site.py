@@ -73,6 +73,7 @@ class Entry:
     page: dict | None = None       # cell-page data (provenance, per-case), pipeline and submission entries
     group: str = ""
     dataset_id: str | None = None  # its content id (None for the paper's own rows)
+    steps: bool = False            # the steps-matched control (+steps): SADR's step count, no SADR
 
     @property
     def origin(self) -> str:
@@ -180,6 +181,7 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
         }
         e = Entry(key=f"pipeline:{cell}", kind="pipeline", model=info["model"], profile=info["profile"],
                   editor=info["editor"], base_editor=info["base_editor"].lower(), sadr=info["sadr"],
+                  steps=bool(info.get("steps_matched")),
                   dataset=our_dataset, dataset_id=content_id, n_cases=len(rows), scores=scores, drift=drift,
                   cell=cell, page=page,
                   badges=[("b-pipeline", "this pipeline", "computed by `dvc repro` of this repository")])
@@ -372,43 +374,50 @@ def _row_view(e: Entry, protocol: str) -> dict:
 
 def _pair_key(e: Entry) -> tuple:
     """Entries that differ only by the SADR flag share this key (same origin, profile, dataset, paper table or
-    submission version, and base editor)."""
-    return (e.origin, e.profile, e.dataset, e.dataset_id or "", e.note, e.base_editor)
+    submission version, base editor, and whether it is the steps-matched control, which pairs with nothing)."""
+    return (e.origin, e.profile, e.dataset, e.dataset_id or "", e.note, e.base_editor, e.steps)
 
 
 def _delta_rows(entries: list[Entry], protocols: list[str]) -> list[dict]:
-    """Per (origin, profile, dataset, paper table, editor, protocol): ``+sadr`` minus plain, in points.
+    """Per (origin, profile, dataset, paper table, editor, protocol): ``+sadr`` minus plain, and ``+sadr`` minus
+    ``+steps`` (the steps-matched control: SADR's effect beyond its extra steps) where that cell exists, in points.
     The ± is sqrt(ci_a² + ci_b²), an unpaired normal approximation (conservative: both cells share their cases)."""
-    pairs: dict[tuple, dict[bool, Entry]] = {}
+    groups: dict[tuple, dict[str, Entry]] = {}
     for e in entries:
         if e.kind in ("pipeline", "submission", "paper") and e.base_editor != "none":
-            pairs.setdefault(_pair_key(e), {})[e.sadr] = e
+            groups.setdefault(_pair_key(e)[:-1], {})["sadr" if e.sadr else "steps" if e.steps else "plain"] = e
     out = []
-    for key in sorted(pairs, key=str):
-        two = pairs[key]
-        if False not in two or True not in two:
+    for key in sorted(groups, key=str):
+        g = groups[key]
+        for base, vs in (("plain", "editor"), ("steps", "editor+steps")):
+            if base in g and "sadr" in g:
+                out += _delta(g[base], g["sadr"], vs, protocols)
+    return out
+
+
+def _delta(a: Entry, b: Entry, vs: str, protocols: list[str]) -> list[dict]:
+    """Rows of ``b`` minus ``a`` per protocol (``vs`` names what ``a`` is)."""
+    out = []
+    for p in protocols:
+        sa, sb = a.scores.get(p), b.scores.get(p)
+        if not sa or not sb:
             continue
-        a, b = two[False], two[True]
-        for p in protocols:
-            sa, sb = a.scores.get(p), b.scores.get(p)
-            if not sa or not sb:
+        cells = []
+        for metric in INDEX_METRICS + ("Avg.S",):
+            va, vb = metric_value(sa, metric), metric_value(sb, metric)
+            ma, mb = _mean(va), _mean(vb)
+            if ma is None or mb is None:
+                cells.append({"metric": metric, "text": "–", "ci": "", "key": "", "cls": ""})
                 continue
-            cells = []
-            for metric in INDEX_METRICS + ("Avg.S",):
-                va, vb = metric_value(sa, metric), metric_value(sb, metric)
-                ma, mb = _mean(va), _mean(vb)
-                if ma is None or mb is None:
-                    cells.append({"metric": metric, "text": "–", "ci": "", "key": "", "cls": ""})
-                    continue
-                scale = 1.0 if metric in RAW_METRICS else 100.0
-                d = (mb - ma) * scale
-                ca, cb = _ci(va), _ci(vb)
-                ci = f"±{((ca ** 2 + cb ** 2) ** 0.5) * scale:.2f}" if ca is not None and cb is not None else ""
-                cls = "" if metric in RAW_METRICS or abs(d) < 0.005 else ("pos" if d > 0 else "neg")
-                cells.append({"metric": metric, "text": f"{d:+.2f}", "ci": ci, "key": repr(d), "cls": cls})
-            out.append({"editor": a.base_editor, "origin": a.origin, "origin_text": ORIGIN_TEXT[a.origin],
-                        "note": a.note or a.profile, "dataset": a.dataset, "protocol": p,
-                        "cells": cells, "href_a": a.href, "href_b": b.href})
+            scale = 1.0 if metric in RAW_METRICS else 100.0
+            d = (mb - ma) * scale
+            ca, cb = _ci(va), _ci(vb)
+            ci = f"±{((ca ** 2 + cb ** 2) ** 0.5) * scale:.2f}" if ca is not None and cb is not None else ""
+            cls = "" if metric in RAW_METRICS or abs(d) < 0.005 else ("pos" if d > 0 else "neg")
+            cells.append({"metric": metric, "text": f"{d:+.2f}", "ci": ci, "key": repr(d), "cls": cls})
+        out.append({"editor": a.base_editor, "vs": vs, "origin": a.origin, "origin_text": ORIGIN_TEXT[a.origin],
+                    "note": a.note or a.profile, "dataset": a.dataset, "protocol": p,
+                    "cells": cells, "href_a": a.href, "href_b": b.href})
     return out
 
 

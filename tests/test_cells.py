@@ -22,7 +22,7 @@ def test_names_parse_and_print_back(name, editor, sadr, kind, size, timing, seed
 
 @pytest.mark.parametrize("bad", ["", "rome+sadr+sadr", "../rome", "rome.seq0", "rome.seq", "rome.s", "rome sadr",
                                  "rome.batch4-each", "none+sadr", "none.seq4", "rome.s1.seq4", "rome\n", "rome.s01",
-                                 "memit.seq016", 3, None])
+                                 "memit.seq016", "rome+steps+sadr", "rome+sadr+steps", "none+steps", 3, None])
 def test_bad_names_are_one_line_errors(bad):
     with pytest.raises(CellNameError, match="cell"):
         parse_cell(bad)
@@ -40,3 +40,11 @@ def test_full_ids_keep_slashes_of_hub_models():
     assert (cid.profile, cid.model, str(cid.name)) == ("paper", "meta-llama/Meta-Llama-3-8B", "memit+sadr.seq100")
     with pytest.raises(CellNameError):
         parse_cell_id("paper/rome")
+
+
+def test_the_steps_matched_control_is_its_own_variant():
+    c = parse_cell("rome+steps.s1")
+    assert (c.editor, c.sadr, c.steps, c.seed) == ("rome", False, True, 1)
+    assert (c.variant, c.config, str(c)) == ("rome+steps", "rome+steps", "rome+steps.s1")
+    assert str(parse_cell("memit+steps.seq16")) == "memit+steps.seq16"
+    assert not parse_cell("rome+sadr").steps and parse_cell("rome").variant == "rome"

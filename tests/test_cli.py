@@ -208,7 +208,7 @@ def test_pipeline_in_a_temporary_project(tmp_path, mirror, tiny_model_dirs, monk
         return res
 
     fails("run-cell", "-c", "nosuch", match="unknown editor 'nosuch'")
-    fails("run-cell", "-c", "none+sadr", match="has no SADR, sequential or batch variant")
+    fails("run-cell", "-c", "none+sadr", match="has no SADR, steps-matched, sequential or batch variant")
     fails("run-cell", "-c", "../../etc/x", match="is not a cell name")
     fails("run-cell", "-c", "rome.batch4", match="cannot edit a batch of cases at once")  # ROME has no batch mode
     fails("run-cell", "-c", "none", "--shard", "3/2", match="expected I/N with 1 <= I <= N")

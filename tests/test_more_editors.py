@@ -18,7 +18,7 @@ from model_layer.arch import arch_for
 from model_layer.checksum import param_checksum
 from model_layer.loading import load_model
 from test_memit import memit_hparams
-from test_rome_sadr import CASES, TINY_CASE, next_token_logits
+from test_rome_sadr import CASES, TINY_CASE, next_token_logits, tiny_hparams
 
 ARCHS = ["gptj", "gpt_neox", "llama", "gemma3"]
 
@@ -243,3 +243,27 @@ def test_new_editor_cells_through_the_harness(cell, tiny_model_dirs, mirror, tmp
         assert r["cell"] == f"test/tiny/{cell}" and r["editor"]["name"] == c.editor and r["post"] != r["pre"]
         assert "attn_drift" in r["editor"]["diagnostics"]
     assert param_checksum(model) == ck
+
+
+def test_steps_matched_control_runs_sadr_steps_without_sadr(tiny_model_dirs, mirror, tmp_path):
+    """rome+steps: the v* loop runs hparams sadr_steps iterations (not v_num_grad_steps) and has no SADR term; an
+    editor without SADR cannot have the control."""
+    from basis.errors import UserError
+    from evaluators.harness import CellSpec, prepare_cell, run_cell, run_pre
+
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    cases = CASES[:1]
+    hp = tiny_hparams(mirror, tmp_path, v_num_grad_steps=3, sadr_steps=5, early_stop_loss=0.0)
+    get_editor("rome").prepare(model, tok, hp, progress=False)
+    run_pre(model, tok, "tiny", "test", cases, tmp_path / "pre.jsonl", progress=False)
+    rows = {}
+    for steps in (False, True):
+        spec = CellSpec("test", "tiny", "rome", False, hp, steps_matched=steps)
+        rows[steps] = run_cell(model, tok, spec, "test", cases, tmp_path / "pre.jsonl",
+                               tmp_path / f"{spec.name}.jsonl", progress=False)[0]
+    assert rows[True]["cell"] == "test/tiny/rome+steps" and rows[True]["editor"]["sadr"] is False
+    d_plain, d_steps = rows[False]["editor"]["diagnostics"], rows[True]["editor"]["diagnostics"]
+    assert (d_plain["steps"], d_steps["steps"]) == (3, 5)
+    assert "SADRLoss" not in d_steps["final_loss"] and "sadr_selected_heads" not in d_steps
+    with pytest.raises(UserError, match="does not support SADR"):
+        prepare_cell(None, None, CellSpec("test", "tiny", "none", False, {}, steps_matched=True))

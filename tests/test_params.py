@@ -6,7 +6,11 @@ from pathlib import Path
 import yaml
 
 from basis.cells import parse_cell
+from editors.alphaedit import AlphaEditHparams
+from editors.base import available_editors, get_editor
+from editors.ft import FTHparams
 from editors.memit import MemitHparams
+from editors.pmet import PmetHparams
 from editors.rome import RomeHparams
 from model_layer.loading import DTYPES
 
@@ -26,13 +30,12 @@ def test_every_profile_is_complete_and_its_hparams_parse():
         assert prof["models"] and all(m["dtype"] in DTYPES for m in prof["models"].values()), name
         for model, editors in (prof.get("hparams") or {}).items():
             assert model in prof["models"], f"{name}: hparams for unknown model {model}"
-            assert set(editors) <= {"rome", "memit"}, f"{name}/{model}: hparams for an unknown editor"
-            if "rome" in editors:
-                hp = RomeHparams.from_dict(editors["rome"])
-                assert hp.layer >= 0 and hp.sadr_steps >= hp.v_num_grad_steps
-            if "memit" in editors:
-                hp = MemitHparams.from_dict(editors["memit"])
-                assert hp.layers[0] >= 0 and hp.sadr_steps >= hp.v_num_grad_steps
+            assert set(editors) <= set(available_editors()), f"{name}/{model}: hparams for an unknown editor"
+            for editor, values in editors.items():
+                get_editor(editor).check_hparams(None, values)  # names, types, ranges
+                hp = get_editor(editor).hparams_cls.from_dict(values)
+                steps = hp.num_steps if isinstance(hp, FTHparams) else hp.v_num_grad_steps
+                assert hp.sadr_steps >= steps, f"{name}/{model}/{editor}: SADR runs fewer steps than the base editor"
         for cell in prof["cells"]:  # every cell's editor has hyper-parameters for every model
             editor = parse_cell(cell).editor
             if editor != "none":
@@ -79,3 +82,21 @@ def test_run_dtype_is_checked_and_defaults_to_the_stored_dtype():
             target["models"]["smollm2-135m"][field] = "fp8"
         with pytest.raises(UserError, match=field):
             get_profile(params, "embedded")
+
+
+def test_paper_values_of_the_next_editors_follow_their_sources():
+    hp = PARAMS["profiles"]["paper"]["hparams"]
+    pmet = {m: PmetHparams.from_dict(e["pmet"]) for m, e in hp.items()}
+    alpha = {m: AlphaEditHparams.from_dict(e["alphaedit"]) for m, e in hp.items()}
+    # PMET, reference-spec §4.6: GPT-J with the YAML's kl_factor 1, λ 15000 (20000 for TinyLlama), SADR 40 / 8e-2
+    assert (pmet["gpt-j-6b"].layers, pmet["gpt-j-6b"].kl_factor, pmet["gpt-j-6b"].clamp_norm_factor) == (
+        (3, 4, 5, 6, 7, 8), 1, 0.75)
+    assert (pmet["gpt-j-6b"].sadr_steps, pmet["gpt-j-6b"].sadr_gamma) == (40, 0.08)
+    assert pmet["llama2-13b"].layers == (7, 8, 9) and pmet["tinyllama-1.1b"].mom2_update_weight == 20000
+    assert all(h.argmax_schedule and h.v_lr == 0.5 for h in pmet.values())
+    # AlphaEdit, the original's configs: 25 steps, clamp 0.75, threshold 2e-2, L2 10; lr 0.5 (GPT-J) / 0.1 (Llama3)
+    assert all(h.v_num_grad_steps == 25 and h.nullspace_threshold == 0.02 and h.L2 == 10 for h in alpha.values())
+    assert (alpha["gpt-j-6b"].v_lr, alpha["llama3-8b"].v_lr, alpha["llama3-8b"].layers) == (0.5, 0.1, (4, 5, 6, 7, 8))
+    # FT-L: ROME's constrained GPT-J config
+    ft = FTHparams.from_dict(hp["gpt-j-6b"]["ft"])
+    assert (ft.layer, ft.num_steps, ft.lr, ft.norm_constraint) == (0, 25, 5e-4, 5e-5)

@@ -54,7 +54,7 @@ def cell_spec(params, profile, name: str, cell: str):
             raise UserError(f"cell {cell!r}: hparams of {c.editor!r} already set template_seed "
                             f"{hparams['template_seed']}; name the seed in one place")
         hparams["template_seed"] = c.seed
-    spec = CellSpec(profile.name, name, c.editor, c.sadr, hparams, seed=c.seed, mode=c.mode,
+    spec = CellSpec(profile.name, name, c.editor, c.sadr, hparams, seed=c.seed, mode=c.mode, steps_matched=c.steps,
                     group=int(profile.raw.get("edit_group", 1)))
     prepare_cell(None, None, spec)
     return spec
