@@ -278,7 +278,7 @@ def as_v2(obj) -> Editor:
 # name -> "module:Class" (imported only when asked for) or the class itself
 _BUILTINS: dict[str, Any] = {"none": "editors.none:NoEdit", "rome": "editors.rome:Rome", "memit": "editors.memit:Memit",
                              "alphaedit": "editors.alphaedit:AlphaEdit", "pmet": "editors.pmet:Pmet",
-                             "ft": "editors.ft:FineTune"}
+                             "ft": "editors.ft:FineTune", "intattn": "editors.intattn:IntAttn"}
 
 
 def available_editors() -> list[str]:

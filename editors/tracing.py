@@ -1,14 +1,17 @@
-"""Causal tracing of MLP outputs (Meng et al. 2022, ROME §2) — the documented procedure that picks the edit layer.
+"""Causal tracing of MLP and attention outputs (Meng et al. 2022, ROME §2) — the documented procedure that picks
+the edit layer, and the measured split of an update between attention and MLP (IntAttn-Edit's α).
 
 For a fact the model knows (prompt p with subject s, answer token a = the model's own top-1 next token when it is
 the first token of " " + known attribute):
   clean      : P(a | p)
   corrupted  : P(a | p) with Gaussian noise (ν = 3 × std of the subject token embeddings) added to the subject's
                token embeddings (S seeded noise samples)
-  restored_l : corrupted, but the MLP outputs of layers [l − w//2, l + w//2] at the subject's last token are set
+  restored_l : corrupted, but the outputs of the traced module (``mlp``: the MLP; ``attn``: the attention block,
+               its output projection included) of layers [l − w//2, l + w//2] at the subject's last token are set
                back to their clean values
-Indirect effect IE_l = mean over samples and facts of restored_l − corrupted. The edit layer is the argmax of IE_l
-(ties → the lower layer) among layers in the first half of the network, where ROME-style editing is effective.
+Indirect effect IE_l = mean over samples and facts of restored_l − corrupted. The edit layer is the argmax of the
+MLP's IE_l (ties → the lower layer) among layers in the first half of the network, where ROME-style editing is
+effective. `attention_share` turns the two traces into IntAttn-Edit's α for a set of edit layers.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class TraceResult:
     chosen_layer: int
     clean_p: float
     corrupted_p: float
+    module: str = "mlp"
 
 
 def known_facts(model, tok, path: str | Path, limit: int) -> list[tuple[str, str, int]]:
@@ -51,7 +55,7 @@ def known_facts(model, tok, path: str | Path, limit: int) -> list[tuple[str, str
 
 @torch.no_grad()
 def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: float = 3.0, seed: int = 0,
-          progress: bool = True) -> TraceResult:
+          progress: bool = True, module: str = "mlp") -> TraceResult:
     from tqdm.auto import tqdm
 
     arch = arch_for(model)
@@ -62,16 +66,18 @@ def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: floa
     gen = torch.Generator().manual_seed(seed)
     ie = torch.zeros(n_layers)
     clean_sum = corrupt_sum = 0.0
-    for prompt, subject, ans in tqdm(facts, desc="causal tracing", disable=not progress):
+    if module not in ("mlp", "attn"):
+        raise ValueError(f"trace module must be 'mlp' or 'attn', got {module!r}")
+    for prompt, subject, ans in tqdm(facts, desc=f"causal tracing ({module})", disable=not progress):
         ids = encode(tok, prompt)
         start = prompt.index(subject)
         s_first = len(encode(tok, prompt[:start])) if start else (1 if ids[0] == tok.bos_token_id else 0)
         s_last = len(encode(tok, prompt[: start + len(subject)])) - 1
         x = torch.tensor([ids])
-        # clean MLP outputs at the subject's last token, every layer
+        # clean outputs of the traced module at the subject's last token, every layer
         clean_mlp: dict[int, torch.Tensor] = {}
-        hooks = [model.get_submodule(arch.layer("mlp", l)).register_forward_hook(
-            lambda m, i, o, l=l: clean_mlp.__setitem__(l, o[0, s_last].clone())) for l in range(n_layers)]
+        hooks = [model.get_submodule(arch.layer(module, l)).register_forward_hook(
+            lambda m, i, o, l=l: clean_mlp.__setitem__(l, _hidden(o)[0, s_last].clone())) for l in range(n_layers)]
         p_clean = model(input_ids=x).logits[0, -1].softmax(-1)[ans].item()
         for h in hooks:
             h.remove()
@@ -87,16 +93,16 @@ def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: floa
 
         def restore(l):
             def f(m, i, o, l=l):
-                o = o.clone()
+                h = _hidden(o).clone()
                 for r in range(rows * samples):
                     centre = r % rows - 1  # -1 → the plain corrupted row
                     if centre >= 0 and max(0, centre - window // 2) <= l < min(n_layers, centre - window // 2 + window):
-                        o[r, s_last] = clean_mlp[l]
-                return o
+                        h[r, s_last] = clean_mlp[l]
+                return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
             return f
 
         hooks = [emb.register_forward_hook(add_noise)]
-        hooks += [model.get_submodule(arch.layer("mlp", l)).register_forward_hook(restore(l)) for l in range(n_layers)]
+        hooks += [model.get_submodule(arch.layer(module, l)).register_forward_hook(restore(l)) for l in range(n_layers)]
         try:
             p = model(input_ids=batch).logits[:, -1].softmax(-1)[:, ans].view(samples, rows)
         finally:
@@ -110,11 +116,26 @@ def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: floa
     half = ie[: n_layers // 2]
     chosen = int(torch.argmax(half))
     return TraceResult(list(range(n_layers)), [round(v, 6) for v in ie.tolist()], len(facts), chosen,
-                       clean_sum / len(facts), corrupt_sum / len(facts))
+                       clean_sum / len(facts), corrupt_sum / len(facts), module)
 
 
-def plot(result: TraceResult, path: str | Path, title: str) -> None:
-    """Bar chart of the indirect effect per layer, chosen layer highlighted (PNG)."""
+def _hidden(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def attention_share(mlp_ie: list[float], attn_ie: list[float], layers) -> float:
+    """IntAttn-Edit's α for edit ``layers``: Σ_l max(IE_attn,l, 0) / Σ_l (max(IE_attn,l, 0) + max(IE_mlp,l, 0)), the
+    attention's share of the two modules' measured causal contribution there (negative effects count as none);
+    0.5 when neither has any. Our inference: the paper derives α from the modules' causal contributions but
+    publishes no formula (neighbours §F)."""
+    a = sum(max(attn_ie[l], 0.0) for l in layers)
+    m = sum(max(mlp_ie[l], 0.0) for l in layers)
+    return 0.5 if a + m == 0 else a / (a + m)
+
+
+def plot(result: TraceResult, path: str | Path, title: str, attn: TraceResult | None = None) -> None:
+    """Bar chart of the MLP's indirect effect per layer, chosen layer highlighted, and the attention's beside it
+    when given (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,10 +143,15 @@ def plot(result: TraceResult, path: str | Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 3.2), dpi=120)
     colors = ["#d62728" if l == result.chosen_layer else "#1f77b4" for l in result.layers]
-    ax.bar(result.layers, result.indirect_effect, color=colors)
-    ax.set_xlabel("layer (centre of restored MLP window)")
+    w = 0.42 if attn is not None else 0.8
+    ax.bar([l - (w / 2 if attn is not None else 0) for l in result.layers], result.indirect_effect, width=w,
+           color=colors, label="MLP")
+    if attn is not None:
+        ax.bar([l + w / 2 for l in attn.layers], attn.indirect_effect, width=w, color="#ff7f0e", label="attention")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("layer (centre of the restored window)")
     ax.set_ylabel("indirect effect on P(answer)")
-    ax.set_title(f"{title}: MLP causal trace, {result.n_facts} facts (chosen layer {result.chosen_layer})")
+    ax.set_title(f"{title}: causal trace, {result.n_facts} facts (chosen layer {result.chosen_layer})")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -221,7 +221,7 @@ def test_ft_hparams_errors():
         FTHparams.from_dict({"layer": 1, "norm_constraint": 0})
 
 
-@pytest.mark.parametrize("cell", ["alphaedit+sadr.seq2", "pmet", "ft+sadr"])
+@pytest.mark.parametrize("cell", ["alphaedit+sadr.seq2", "pmet", "ft+sadr", "intattn+sadr"])
 def test_new_editor_cells_through_the_harness(cell, tiny_model_dirs, mirror, tmp_path):
     from basis.cells import parse_cell
     from evaluators.harness import CellSpec, run_cell, run_pre
@@ -232,7 +232,9 @@ def test_new_editor_cells_through_the_harness(cell, tiny_model_dirs, mirror, tmp
     cases = CASES[:2]
     hp = {"alphaedit": alpha_hparams(mirror, tmp_path, v_num_grad_steps=3, sadr_steps=3),
           "pmet": memit_hparams(mirror, tmp_path, v_num_grad_steps=3, mom2_update_weight=10),
-          "ft": ft_hparams(num_steps=3, sadr_steps=3)}[c.editor]
+          "ft": ft_hparams(num_steps=3, sadr_steps=3),
+          "intattn": memit_hparams(mirror, tmp_path, v_num_grad_steps=3, sadr_steps=3, mom2_update_weight=10,
+                                   alpha=0.4)}[c.editor]
     editor = get_editor(c.editor)
     editor.prepare(model, tok, hp, progress=False)
     run_pre(model, tok, "tiny", "test", cases, tmp_path / "pre.jsonl", progress=False)
@@ -267,3 +269,81 @@ def test_steps_matched_control_runs_sadr_steps_without_sadr(tiny_model_dirs, mir
     assert "SADRLoss" not in d_steps["final_loss"] and "sadr_selected_heads" not in d_steps
     with pytest.raises(UserError, match="does not support SADR"):
         prepare_cell(None, None, CellSpec("test", "tiny", "none", False, {}, steps_matched=True))
+
+
+# --------------------------------------------------------------------------------------------- IntAttn-Edit
+
+def test_attention_trace_and_the_alpha_it_gives(tiny_model_dirs, tmp_path):
+    import json
+
+    from editors.intattn import trace_alpha
+    from editors.tracing import attention_share, trace
+
+    model, tok = load_model(str(tiny_model_dirs["gptj"]))  # GPT-J's attention returns a tuple: hooks must cope
+    facts = [("Danielle Darrieux was born in", "Danielle Darrieux", 5), ("Sonny Simmons plays", "Sonny Simmons", 7)]
+    quiet = trace(model, tok, facts, samples=2, window=2, noise_mult=0.0, progress=False, module="attn")
+    assert quiet.module == "attn" and all(abs(v) < 1e-6 for v in quiet.indirect_effect)
+    mlp = trace(model, tok, facts, samples=2, window=2, progress=False)
+    attn = trace(model, tok, facts, samples=2, window=2, progress=False, module="attn")
+    assert attn.indirect_effect != mlp.indirect_effect and attn.corrupted_p == pytest.approx(mlp.corrupted_p)
+    # α by hand: attention's positive effect over both modules' at the edit layers
+    assert attention_share([0.3, -0.1, 0.2], [0.1, 0.5, -0.4], [0, 2]) == pytest.approx(0.1 / (0.1 + 0.5))
+    assert attention_share([0.0, -1.0], [-2.0, 0.0], [0, 1]) == 0.5
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({**mlp.__dict__, "attn": attn.__dict__}))
+    want = attention_share(mlp.indirect_effect, attn.indirect_effect, [0, 1])
+    assert trace_alpha(path, (0, 1)) == pytest.approx(want)
+    path.write_text(json.dumps(mlp.__dict__))  # an MLP-only trace (before attention tracing existed)
+    from basis.errors import UserError
+
+    with pytest.raises(UserError, match="attn.indirect_effect"):
+        trace_alpha(path, (0, 1))
+
+
+def intattn_hparams(mirror, tmp_path, **kw):
+    return memit_hparams(mirror, tmp_path, mom2_update_weight=10, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_intattn_writes_attention_and_mlp_and_restores_exactly(arch, tiny_model_dirs, mirror, tmp_path):
+    from editors.intattn import IntAttn
+
+    model, tok = load_model(str(tiny_model_dirs[arch]))
+    before, ck, p0 = snapshot(model), param_checksum(model), p_first_new(model, tok)
+    handle = IntAttn().edit(model, tok, TINY_CASE, intattn_hparams(mirror, tmp_path, alpha=0.3))
+    assert p_first_new(model, tok) > 10 * p0
+    spec = arch_for(model)
+    assert changed(model, before) == sorted(spec.layer(k, i) + ".weight" for i in (0, 1) for k in ("attn_out", "mlp_out"))
+    d = handle.diagnostics
+    assert d["alpha"] == 0.3 and len(d["attn_update_norms"]) == len(d["mlp_update_norms"]) == 2
+    handle.restore()
+    assert param_checksum(model) == ck
+
+
+def test_intattn_alpha_splits_the_update_between_the_modules(tiny_model_dirs, mirror, tmp_path):
+    """α = 0 writes only the MLPs and equals MEMIT exactly; α = 1 only the attention outputs; a larger α moves
+    more of the update into attention."""
+    from editors.intattn import IntAttn
+    from editors.memit import Memit
+
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    spec = arch_for(model)
+    hp = intattn_hparams(mirror, tmp_path, v_num_grad_steps=5)
+    IntAttn().prepare(model, tok, hp, progress=False)
+    norms, weights = {}, {}
+    for alpha in (0.0, 0.2, 0.8, 1.0):
+        before = snapshot(model)
+        h = IntAttn().edit(model, tok, TINY_CASE, dict(hp, alpha=alpha))
+        kinds = {n.split(".")[-2] for n in changed(model, before)}
+        norms[alpha] = (sum(h.diagnostics["attn_update_norms"]), sum(h.diagnostics["mlp_update_norms"]))
+        weights[alpha] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        h.restore()
+        assert kinds == {0.0: {"down_proj"}, 1.0: {"o_proj"}}.get(alpha, {"down_proj", "o_proj"})
+    assert norms[0.8][0] > norms[0.2][0] and norms[0.8][1] < norms[0.2][1]
+    h = Memit().edit(model, tok, TINY_CASE, hp)
+    memit = {n: p.detach().clone() for n, p in model.named_parameters()}
+    h.restore()
+    name = spec.layer("mlp_out", 1) + ".weight"
+    assert torch.allclose(memit[name], weights[0.0][name], atol=1e-6)
+    with pytest.raises(ValueError, match="'alpha' must lie in"):
+        IntAttn().check_hparams(None, dict(hp, alpha=1.5))

@@ -155,13 +155,16 @@ def cmd_trace(args, params):
     cfg = profile.raw.get("trace", {})
     facts = known_facts(model, tok, resolve_mirror(params["data"]["mirror"]) / "rome" / "known_1000.json",
                         int(cfg.get("facts", 30)))
-    res = trace(model, tok, facts, samples=int(cfg.get("samples", 3)), window=int(cfg.get("window", 6)),
-                seed=int(cfg.get("seed", 0)), progress=not args.no_progress)
+    kw = dict(samples=int(cfg.get("samples", 3)), window=int(cfg.get("window", 6)), seed=int(cfg.get("seed", 0)),
+              progress=not args.no_progress)
+    res = trace(model, tok, facts, **kw)
+    attn = trace(model, tok, facts, module="attn", **kw)  # the same noise: the two traces are paired
     out = profile.results_dir(name)
-    atomic_write_json(out / "causal_trace.json", res.__dict__)
-    plot(res, out / "causal_trace.png", name)
+    atomic_write_json(out / "causal_trace.json", {**res.__dict__, "attn": attn.__dict__})
+    plot(res, out / "causal_trace.png", name, attn)
     print(f"{name}: {res.n_facts} facts, clean P {res.clean_p:.3f} -> corrupted {res.corrupted_p:.3f}; "
-          f"MLP indirect effect peaks at layer {res.chosen_layer} (first half) -> {out / 'causal_trace.png'}")
+          f"MLP indirect effect peaks at layer {res.chosen_layer} (first half), attention's at layer "
+          f"{max(range(len(attn.indirect_effect)), key=attn.indirect_effect.__getitem__)} -> {out / 'causal_trace.png'}")
 
 
 def register(sub, add, with_profile) -> None:
