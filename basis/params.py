@@ -116,6 +116,13 @@ def check_profile(profile: "Profile") -> None:
         parse_cell(c, f"{where}.cells[{i}]")
     if len(set(cells)) != len(cells):
         raise UserError(f"{where}.cells lists a cell twice")
+    extra = raw.get("extra_cells") or []
+    if not isinstance(extra, list):
+        raise UserError(f"{where}.extra_cells must be a list of cell names")
+    for i, c in enumerate(extra):
+        parse_cell(c, f"{where}.extra_cells[{i}]")
+    if len(set(extra)) != len(extra) or set(extra) & set(cells):
+        raise UserError(f"{where}.extra_cells lists a cell twice or one of {where}.cells")
     hp = raw.get("hparams")
     if hp is not None and not (isinstance(hp, dict) and all(isinstance(v, dict) and all(isinstance(e, dict) or e is None
                                                                                           for e in v.values())

@@ -236,8 +236,14 @@ class Editor:
         return self.apply(model, tok, [case], hp, ctx)
 
     def code_files(self) -> list[Path]:
-        """The source files of this editor proper (the shared core is added by the harness): its class's module."""
-        return [Path(inspect.getsourcefile(type(self))).resolve()]
+        """The source files of this editor proper (the shared core is added by the harness): the module of its class
+        and of every class it inherits from (PMET's cells also run MEMIT's write), in inheritance order."""
+        files: list[Path] = []
+        for cls in type(self).__mro__:
+            src = inspect.getsourcefile(cls) if cls is not object else None
+            if src is not None and Path(src).resolve() not in files:
+                files.append(Path(src).resolve())
+        return files
 
 
 class LegacyEditor(Editor):

@@ -335,3 +335,27 @@ def test_first_contract_sadr_is_refused_in_streams_and_state_edits_cannot_be_rev
         with ctx.unedited():
             pass
     ctx.restore_all()
+
+
+def test_the_extra_editors_pipeline_runs_exactly_the_profiles_extra_cells_with_exact_code_deps():
+    """pipelines/editors/dvc.yaml: one stage per cell of profiles.embedded.extra_cells, none of the default cells,
+    and each stage's code deps are exactly the files its cell's fingerprint hashes (parents' modules included)."""
+    from basis.params import get_profile
+    from evaluators.harness import ROOT as HROOT, cell_code_files
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "pipelines" / "editors" / "dvc.yaml").read_text())["stages"]
+    raw = get_profile(params, "embedded").raw
+    keys = [cell for st in stages.values() for cell in st["foreach"]]
+    assert sorted(keys) == sorted(raw["extra_cells"]) and not set(keys) & set(raw["cells"])
+    for st in stages.values():
+        assert st["do"]["wdir"] == "../.." and st["do"]["cmd"] == "driftbench run-cell -p embedded -c ${key}"
+        code_deps = [d.split("#")[0].strip() for d in st["do"]["deps"]
+                     if not d.startswith(("$", "data/", "models/", "results/", "stats/"))]
+        for cell, item in st["foreach"].items():
+            assert item["editor"] == parse_cell(cell).editor
+            files = set()
+            for d in {d.replace("${item.editor}", item["editor"]) for d in code_deps}:
+                p = HROOT / d
+                files.update(p.rglob("*.py") if p.is_dir() else [p])
+            assert files == set(cell_code_files(get_editor(item["editor"]))), cell

@@ -36,7 +36,7 @@ def test_every_profile_is_complete_and_its_hparams_parse():
                 hp = get_editor(editor).hparams_cls.from_dict(values)
                 steps = hp.num_steps if isinstance(hp, FTHparams) else hp.v_num_grad_steps
                 assert hp.sadr_steps >= steps, f"{name}/{model}/{editor}: SADR runs fewer steps than the base editor"
-        for cell in prof["cells"]:  # every cell's editor has hyper-parameters for every model
+        for cell in prof["cells"] + prof.get("extra_cells", []):  # every cell's editor has hparams for every model
             editor = parse_cell(cell).editor
             if editor != "none":
                 assert all(editor in (prof["hparams"].get(m) or {}) for m in prof["models"]), f"{name}: {cell}"
