@@ -347,3 +347,9 @@ def test_intattn_alpha_splits_the_update_between_the_modules(tiny_model_dirs, mi
     assert torch.allclose(memit[name], weights[0.0][name], atol=1e-6)
     with pytest.raises(ValueError, match="'alpha' must lie in"):
         IntAttn().check_hparams(None, dict(hp, alpha=1.5))
+
+
+def test_the_cli_gives_statistics_settings_only_to_editors_that_take_them():
+    from driftbench.cli.common import _uses_statistics
+
+    assert [_uses_statistics(e) for e in ("rome", "memit", "pmet", "alphaedit", "intattn", "ft")] == [True] * 5 + [False]

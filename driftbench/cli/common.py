@@ -59,13 +59,26 @@ def _hparams(params, profile, name: str, editor: str) -> dict:
     from data_pipeline.dataset import resolve_mirror
 
     hp = dict((profile.raw.get("hparams") or {}).get(name, {}).get(editor, {}) or {})
-    if editor != "none":
+    if editor != "none" and _uses_statistics(editor):
         hp.setdefault("model_id", _model_id(profile, name))
         hp.setdefault("stats_dir", str(Path("stats") / name))
         corpus = hp.get("stats_corpus", "wikitext-2-raw/wiki.test.raw")
         if not corpus.startswith("hub:"):  # a file of the data mirror
             hp["stats_corpus"] = str(resolve_mirror(params["data"]["mirror"]) / corpus)
     return hp
+
+
+def _uses_statistics(editor: str) -> bool:
+    """Whether the editor's hyper-parameters take the statistics settings (stats_dir, stats_corpus, model_id): an
+    editor whose hparams class lacks them (FT-L) gets none; one without a declared class (plugins) gets them all."""
+    import dataclasses
+
+    from editors.base import get_editor
+
+    cls = getattr(get_editor(editor), "hparams_cls", None)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return True
+    return "stats_dir" in {f.name for f in dataclasses.fields(cls)}
 
 
 def _ppl_corpus(params) -> Path | None:
