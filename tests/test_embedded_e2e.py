@@ -150,3 +150,25 @@ def test_rome_reaches_es_on_real_cases(tmp_path, smol, data, scorer, mirror):
         assert a_new / n_new > a_true / n_true, f"{case.case_id}: ES = 0 after ROME"
         assert a_new > b_new + 1.0, f"{case.case_id}: log P(target_new) rose only {a_new - b_new:.2f}"
     assert param_checksum(model) == ck
+
+
+def test_ft_l_edits_real_cases_inside_its_ball(smol, data, scorer):
+    """FT-L (the fine-tuning family) on the real embedded model: log P(target_new) rises on every case of a
+    handful, the change stays inside the L∞ ball, and the weights come back bit-identical."""
+    from editors.ft import FineTune
+    from model_layer.checksum import param_checksum
+
+    model, tok = smol
+    hp = {"layer": 3, "num_steps": 10, "lr": 5e-3, "norm_constraint": 5e-3}
+    ck = param_checksum(model)
+    weight = model.get_submodule("model.layers.3.mlp.down_proj").weight
+    w0 = weight.detach().clone()
+    for case in data.cases[:2]:
+        pairs = [(case.prompt + " ", case.target_new), (case.prompt + " ", case.target_true)]
+        (b_new, _), _ = scorer.score_pairs(pairs)
+        handle = FineTune().edit(model, tok, case, hp)
+        (a_new, _), _ = scorer.score_pairs(pairs)
+        assert float((weight.detach() - w0).abs().max()) <= 5e-3 + 1e-6  # + fp32 rounding of (w0 + ε) − w0
+        handle.restore()
+        assert a_new > b_new + 1.0, f"{case.case_id}: log P(target_new) rose only {a_new - b_new:.2f}"
+    assert param_checksum(model) == ck

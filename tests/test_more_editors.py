@@ -190,7 +190,7 @@ def test_ft_stays_in_its_linf_ball_and_restores_exactly(arch, tiny_model_dirs):
     name = arch_for(model).layer("mlp_out", 1) + ".weight"
     assert changed(model, before) == [name]
     dw = dict(model.named_parameters())[name].detach() - before[name]
-    assert dw.abs().max() <= 2e-2 + 1e-7 and handle.diagnostics["update_max_abs"] == pytest.approx(float(dw.abs().max()))
+    assert dw.abs().max() <= 2e-2 + 1e-6 and handle.diagnostics["update_max_abs"] == pytest.approx(float(dw.abs().max()))
     assert [p.requires_grad for p in model.parameters()] == flags  # the loop gave the flags back
     handle.restore()
     assert param_checksum(model) == ck
