@@ -7,6 +7,10 @@ sort and render with our own scores. FL is printed × 100 in the paper (621.96 =
 is divided by 100 too and shown × 100 like ours; PPL is a perplexity and is kept as it is. An empty field means
 the paper reports no number there (e.g. Avg.S in Table 6). Every row is tagged protocol ``paper`` (the reference
 implementation's metric definitions, which our ``paper`` protocol reproduces).
+
+Other papers' tables (``leaderboard/reported/*.csv``, e.g. AlphaEdit's Table 1) use the same columns plus two
+optional ones: ``regime`` (the editing regime when it is not one edit at a time, e.g. ``seq2000-batch100``: such
+rows get a table of their own and are never ranked with single edits) and ``dataset`` (when it is not paper-v1).
 """
 from __future__ import annotations
 
@@ -73,6 +77,10 @@ def read_paper_csv(path: str | Path, verify: bool = True) -> list[dict]:
                 scores[col] = {"mean": v, "ci95": None, "n": None}
             avg = _number(rec["AvgS"], path, no, "AvgS")
             scores["AvgS"] = None if avg is None else avg / 100.0
+            regime = (rec.get("regime") or "").strip()
+            if regime and not re.fullmatch(r"[a-z]+[0-9]+(-[a-z]+[0-9]+)*", regime):
+                raise ValueError(f"{path}:{no}: column 'regime' must look like seq2000-batch100, got {regime!r}")
             out.append({"source": rec["source"].strip(), "model": rec["model"].strip(),
-                        "editor": rec["editor"].strip(), "sadr": sadr == "true", "scores": {"paper": scores}})
+                        "editor": rec["editor"].strip(), "sadr": sadr == "true", "scores": {"paper": scores},
+                        "regime": regime, "dataset": (rec.get("dataset") or "").strip() or "paper-v1"})
     return out

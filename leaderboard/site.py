@@ -45,6 +45,8 @@ from leaderboard.scores import load_result_file, per_case
 from leaderboard.submission import BundleError, diff, find_bundles, validate_bundle
 
 HERE = Path(__file__).resolve().parent
+# other papers' reported tables (AlphaEdit's Table 1, ...): transcribed CSVs shipped with the leaderboard
+REPORTED = HERE / "reported"
 INDEX_METRICS: tuple[str, ...] = TABLE_METRICS + ("FL", "PPL")   # then Avg.S
 RAW_METRICS = ("PPL",)            # a perplexity, shown as it is (FL is shown × 100 like the paper)
 KIND_ORDER = {"pre": 0, "pipeline": 1, "submission": 2, "paper": 3}
@@ -248,22 +250,32 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
                                  "fingerprints": prov.fingerprints(b.rows), "git": git}}
         entries.append(e)
 
-    # ---- the paper's reported rows
-    if paper_csv:
-        for i, rec in enumerate(read_paper_csv(paper_csv)):
-            base = rec["editor"].lower()
-            entries.append(Entry(key=f"paper:{i}", kind="paper", model=rec["model"], profile="paper",
-                                 editor=base + ("+sadr" if rec["sadr"] else ""), base_editor=base, sadr=rec["sadr"],
-                                 dataset="paper-v1", n_cases=None, scores=rec["scores"],
-                                 note=rec["source"],
-                                 badges=[("b-paper", "reported in paper",
-                                          f"{rec['source']}, Wang et al. (ICLR 2025), transcribed; not recomputed")]))
+    # ---- the paper's reported rows, and other papers' tables shipped with the leaderboard (REPORTED)
+    reported = [(f"paper:{i}", rec, "Wang et al. (ICLR 2025)")
+                for i, rec in enumerate(read_paper_csv(paper_csv) if paper_csv else [])]
+    for path in sorted(REPORTED.glob("*.csv")) if paper_csv else []:
+        reported += [(f"reported:{path.stem}:{i}", rec, path.name)
+                     for i, rec in enumerate(read_paper_csv(path, verify=False))]
+    for key, rec, cite in reported:
+        base = rec["editor"].lower()
+        e = Entry(key=key, kind="paper", model=rec["model"], profile="paper",
+                  editor=base + ("+sadr" if rec["sadr"] else ""), base_editor=base, sadr=rec["sadr"],
+                  dataset=rec["dataset"], n_cases=None, scores=rec["scores"], note=rec["source"],
+                  badges=[("b-paper", "reported in paper", f"{rec['source']}, {cite}, transcribed; not recomputed")])
+        if rec["regime"]:
+            e.badges.append(("b-mode", rec["regime"], f"editing regime {rec['regime']} on {rec['dataset']}: "
+                             "another protocol, never ranked with single edits"))
+        entries.append(e)
 
     _assign_groups(entries, params)
     for e in entries:  # partial runs get a table of their own: listed, never ranked with full runs
         if e.kind == "submission" and e.page["provenance"]["metadata"].get("partial"):
             e.group = f"{e.group} · partial runs (not ranked)"
             e.badges.append(("b-partial", "partial run", f"covers {e.n_cases} cases, not the profile's full set"))
+    for key, rec, _ in reported:  # other regimes reported elsewhere: a table of their own
+        if rec["regime"]:
+            e = next(x for x in entries if x.key == key)
+            e.group = f"{e.group} · {rec['regime']} ({rec['source']}; dataset {rec['dataset']})"
     for e in entries:  # streams and batches: their own table, labelled with the editing regime and evaluation timing
         mode = parse_cell_id(e.cell).get("mode") if e.cell else None
         if mode:

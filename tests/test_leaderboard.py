@@ -556,3 +556,23 @@ def test_a_stream_cell_gets_its_own_protocol_table_and_labelled_group(tmp_path):
     out = build(tmp_path, files + [stream], paper_csv=None)
     index = (out / "index.html").read_text()
     assert "seq16-final: sequential stream of 16 edits, evaluated after all 16 edits" in html.unescape(index)
+
+
+def test_other_papers_tables_get_their_regime_table_and_never_pool_with_single_edits(tmp_path):
+    """leaderboard/reported/alphaedit_table1.csv: AlphaEdit's sequential numbers (2,000 CounterFact edits in batches
+    of 100) appear, labelled with their regime and dataset, in a table of their own."""
+    from leaderboard.site import REPORTED
+
+    rows = read_paper_csv(REPORTED / "alphaedit_table1.csv", verify=False)
+    assert len(rows) == 8 and {r["regime"] for r in rows} == {"seq2000-batch100"}
+    assert {r["dataset"] for r in rows} == {"counterfact"}
+    alpha = next(r for r in rows if r["editor"] == "AlphaEdit" and r["model"] == "GPT-J-6B")["scores"]["paper"]
+    assert alpha["ES"]["mean"] == pytest.approx(0.9975) and alpha["NS"]["mean"] == pytest.approx(0.7548)
+    assert alpha["DNS"]["mean"] is None and alpha["FL"]["mean"] == pytest.approx(6.185)
+    out = build(tmp_path)
+    html = (out / "index.html").read_text()
+    assert "seq2000-batch100 (AlphaEdit Table 1; dataset counterfact)" in html
+    bad = tmp_path / "bad.csv"
+    bad.write_text((REPORTED / "alphaedit_table1.csv").read_text().replace("seq2000-batch100", "2000 seq", 1))
+    with pytest.raises(ValueError, match="column 'regime'"):
+        read_paper_csv(bad, verify=False)
