@@ -512,7 +512,7 @@ def test_cli_submit_validate_leaderboard(tmp_path, monkeypatch, capsys):
     assert "OK" in capsys.readouterr().out
     assert main(["leaderboard", "-p", "embedded", "--quiet"]) == 0
     assert (tmp_path / "site" / "index.html").is_file()
-    assert "1 pipeline cells, 1 submissions, 3 paper rows" in capsys.readouterr().out
+    assert "1 pipeline cells, 1 submissions, 3 paper rows, 8 rows of other papers' tables" in capsys.readouterr().out
     rewrite_json(folder / "metadata.json", lambda m: m["dataset"].update(content_id="0" * 16))
     assert main(["validate", str(folder)]) == 2  # one line per rejected bundle, then the count
     err = capsys.readouterr().err

@@ -61,11 +61,13 @@ def cmd_leaderboard(args, params):
         raise UserError(str(exc), hint="fix or remove the bundle, or pass --skip-invalid to build without it")
     kinds = {}
     for e in data.entries:
-        kinds[e.kind] = kinds.get(e.kind, 0) + 1
+        kind = "other" if e.key.startswith("reported:") else e.kind
+        kinds[kind] = kinds.get(kind, 0) + 1
     for r in data.rejected:
         print(f"left out an invalid submission:\n{r}", file=sys.stderr)
     print(f"leaderboard: {kinds.get('pipeline', 0)} pipeline cells, {kinds.get('submission', 0)} submissions, "
-          f"{kinds.get('paper', 0)} paper rows, {data.build['n_rows']} per-case rows -> {args.out}/index.html "
+          f"{kinds.get('paper', 0)} paper rows, {kinds.get('other', 0)} rows of other papers' tables, "
+          f"{data.build['n_rows']} per-case rows -> {args.out}/index.html "
           f"(serve it: python -m http.server -d {args.out})")
 
 
