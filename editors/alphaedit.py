@@ -43,13 +43,12 @@ def projected_update(basis: torch.Tensor, k: torch.Tensor, resid: torch.Tensor, 
                      cache: torch.Tensor | None = None) -> torch.Tensor:
     """ΔW = ((P (K Kᵀ + cache) + l2·I)⁻¹ P K Rᵀ)ᵀ with P = Û Ûᵀ (``basis`` Û [d_in, r]), in float64. ``k`` [d_in] or
     [n, d_in], ``resid`` [d_out] or [n, d_out]; returns ΔW [d_out, d_in] fp32 (nn.Linear layout)."""
-    u = basis.double()
-    p = u @ u.T
+    u = basis.double()  # P M computed as Û (Ûᵀ M): P itself is never formed
     k64 = k.double().reshape(-1, 1) if k.dim() == 1 else k.double().T.contiguous()  # K [d_in, n]
     r64 = resid.double().reshape(-1, 1) if resid.dim() == 1 else resid.double().T.contiguous()  # R [d_out, n]
     kk = k64 @ k64.T + (cache.double() if cache is not None else 0.0)
-    lhs = p @ kk + l2 * torch.eye(p.shape[0], dtype=torch.float64, device=p.device)
-    return torch.linalg.solve(lhs, p @ k64 @ r64.T).T.float()
+    lhs = u @ (u.T @ kk) + l2 * torch.eye(u.shape[0], dtype=torch.float64, device=u.device)
+    return torch.linalg.solve(lhs, u @ ((u.T @ k64) @ r64.T)).T.float()
 
 
 class AlphaEdit(Memit):
@@ -66,6 +65,10 @@ class AlphaEdit(Memit):
             self._cov[cache_key] = load_or_compute_nullspace(hp.stats_dir, key, hp.nullspace_threshold,
                                                              lambda: self.covariance(model, tok, module, hp))
         return self._cov[cache_key]
+
+    def load_statistics(self, model, tok, hp: AlphaEditHparams) -> None:
+        for layer in hp.layers:
+            self.nullspace(model, tok, layer, hp)
 
     def layer_update(self, model, tok, layer, k, resid, hp: AlphaEditHparams, ctx) -> torch.Tensor:
         earlier = [h.memo[MEMO][layer] for h in (ctx.handles if ctx is not None else []) if MEMO in h.memo]

@@ -146,6 +146,7 @@ class ExtraLoss(Protocol):
 
 
 POSITIVE = ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "sadr_steps", "stats_tokens", "stats_max_len",
+            "nll_loss_factor", "L2", "nullspace_threshold",
             "mom2_update_weight")
 NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "early_stop_loss", "sadr_gamma", "template_seed")
 

@@ -1,10 +1,13 @@
 """FT-L — constrained fine-tuning of one MLP weight (the FT baseline of ROME, Meng et al., 2022;
 `kmeng01/rome` baselines/ft, hparams/FT/*_constr.json), optionally + γ·L_SADR in the same loop.
 
-1. Only W = the down-projection weight of ``layer`` is trainable (W₀ its value before the edit).
+1. Only the down-projection of ``layer`` is trainable: its weight W, and its bias where it has one (GPT-J's fc_out,
+   NeoX's dense_4h_to_h; the reference trains every parameter of the module); W₀ their values before the edit.
 2. For ``num_steps`` iterations: loss = mean per-token NLL of target_new after the edit prompt (teacher forcing),
    + γ·L_SADR on a +sadr cell; if the loss ≥ ``stop_loss`` an Adam step (lr, weight decay ``weight_decay``); then
    W ← clamp(W, W₀ − ε, W₀ + ε) elementwise (the L∞ ``norm_constraint``); stop once the loss is below ``stop_loss``.
+   Adam and the clamp work on an fp32 master copy written back in the model's dtype each step, as the reference's
+   fp32 model: in bf16, W₀ ± ε with ε = 5e-5 would round back to W₀ for most weights.
 
 Deviation: the reference scores every target token at the prompt's last position (a known quirk: for a multi-token
 target it trains the first position to emit each of them); here each target token is scored where the model
@@ -96,10 +99,12 @@ class FineTune(Editor):
         label_pos = torch.tensor(batch.label_pos[0], device=dev)
         labels = torch.tensor(batch.labels[: len(batch.label_pos[0])], device=dev)
         module = arch_for(model).layer("mlp_out", hp.layer)
-        weight = model.get_submodule(module).weight
+        trained = [(f"{module}.{n}", p) for n, p in model.get_submodule(module).named_parameters(recurse=False)]
         handle = EditHandle()
-        handle.save(f"{module}.weight", weight)
-        w0 = handle.originals[f"{module}.weight"]
+        for name, p in trained:
+            handle.save(name, p)
+        originals = [handle.originals[name].float() for name, _ in trained]
+        masters = [w.clone() for w in originals]  # fp32: Adam state, updates and the clamp
         extras = ctx.extra_losses(first_layer=hp.layer + 1)  # W changes layer `layer`'s MLP: attention above it
         steps = hp.sadr_steps if ctx.sadr_step_count else hp.num_steps
         attn_ctx = (attention_rows(model, torch.arange(n, device=dev), batch.query_idx, hp.layer + 1)
@@ -107,14 +112,16 @@ class FineTune(Editor):
         flags = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in flags:
             p.requires_grad_(False)
-        weight.requires_grad_(True)
-        opt = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
+        for _, p in trained:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(masters, lr=hp.lr, weight_decay=hp.weight_decay)
         losses, step_s, updates = [], [], 0
         try:
             with attn_ctx as attn:
                 for it in range(steps):
                     t1 = time.perf_counter()
-                    opt.zero_grad()
+                    for _, p in trained:
+                        p.grad = None
                     out = model(input_ids=ids, attention_mask=mask, use_cache=False)
                     logp = F.log_softmax(out.logits[0, label_pos].float(), dim=-1)
                     loss = -logp.gather(1, labels[:, None]).mean()
@@ -128,18 +135,23 @@ class FineTune(Editor):
                     losses.append(parts)
                     if loss.item() >= hp.stop_loss:
                         loss.backward()
+                        for m, (_, p) in zip(masters, trained):
+                            m.grad = p.grad.float()
                         opt.step()
                         updates += 1
                     with torch.no_grad():
-                        weight.copy_(torch.clamp(weight, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+                        for m, w0, (_, p) in zip(masters, originals, trained):
+                            m.copy_(torch.clamp(m, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+                            p.copy_(m.to(p.dtype))
                     step_s.append(time.perf_counter() - t1)
                     if loss.item() < hp.stop_loss:
                         break
         finally:
-            weight.grad = None
+            for _, p in trained:
+                p.grad = None
             for p, flag in flags:
                 p.requires_grad_(flag)
-        dw = (weight.detach() - w0).float()
+        dw = (trained[0][1].detach().float() - originals[0])
         notes = {k: v for e in extras for k, v in getattr(e, "notes", dict)().items()}
         handle.diagnostics = {"layer": hp.layer, "steps": len(losses), "updates": updates, "final_loss": losses[-1],
                               "update_norm": float(dw.norm()), "update_max_abs": float(dw.abs().max()), **notes}

@@ -84,6 +84,7 @@ class IntAttn(Memit):
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         alpha = self.alpha(hp)
         rows, s_idx = subject_rows(tok, make_request(case), self.templates(model, tok, hp))
+        self.load_statistics(model, tok, hp)
         z_block = arch.layer("block", hp.layer)
         handle, norms = EditHandle(), {"attn": [], "mlp": []}
         for i, layer in enumerate(hp.layers):
@@ -110,6 +111,10 @@ class IntAttn(Memit):
                               "z_reached": (1.0 - gap1 / gap0) if gap0 > 0 else 1.0, **res.notes}
         handle.timings = {"update_s": time.perf_counter() - t0}
         return handle
+
+    def load_statistics(self, model, tok, hp: IntAttnHparams) -> None:
+        for module in self.modules(model, hp):  # both modules' C, while the model is unedited
+            self.covariance(model, tok, module, hp)
 
     def modules(self, model, hp: IntAttnHparams) -> list[str]:
         arch = arch_for(model)

@@ -80,6 +80,7 @@ class Memit(LocateEditor):
         z_block = arch.layer(self.residual_at, hp.layer)
         templates = self.templates(model, tok, hp)
         rows = [subject_rows(tok, make_request(case), templates) for case in cases]
+        self.load_statistics(model, tok, hp)  # every layer's, before any weight changes
         handle = EditHandle()
         update_norms = []
         for i, layer in enumerate(hp.layers):
@@ -119,6 +120,12 @@ class Memit(LocateEditor):
         self.after_write(model, tok, handle, rows, hp)
         handle.timings = {"update_s": time.perf_counter() - t0}
         return handle
+
+    def load_statistics(self, model, tok, hp: MemitHparams) -> None:
+        """Load (or compute) every statistic the write needs while the model is still unedited: a missing file is
+        then never computed on a partly written model."""
+        for layer in hp.layers:
+            self.covariance(model, tok, arch_for(model).layer("mlp_out", layer), hp)
 
     def layer_update(self, model, tok, layer: int, k: torch.Tensor, resid: torch.Tensor, hp: MemitHparams,
                      ctx) -> torch.Tensor:

@@ -187,8 +187,10 @@ def test_ft_stays_in_its_linf_ball_and_restores_exactly(arch, tiny_model_dirs):
     flags = [p.requires_grad for p in model.parameters()]
     handle = FineTune().edit(model, tok, TINY_CASE, ft_hparams())
     assert p_first_new(model, tok) > 10 * p0
-    name = arch_for(model).layer("mlp_out", 1) + ".weight"
-    assert changed(model, before) == [name]
+    module = arch_for(model).layer("mlp_out", 1)
+    name = module + ".weight"
+    # the module's weight, and its bias where it has one (GPT-J, NeoX), as the reference trains both
+    assert changed(model, before) == sorted(f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters())
     dw = dict(model.named_parameters())[name].detach() - before[name]
     assert dw.abs().max() <= 2e-2 + 1e-6 and handle.diagnostics["update_max_abs"] == pytest.approx(float(dw.abs().max()))
     assert [p.requires_grad for p in model.parameters()] == flags  # the loop gave the flags back
@@ -353,3 +355,35 @@ def test_the_cli_gives_statistics_settings_only_to_editors_that_take_them():
     from driftbench.cli.common import _uses_statistics
 
     assert [_uses_statistics(e) for e in ("rome", "memit", "pmet", "alphaedit", "intattn", "ft")] == [True] * 5 + [False]
+
+
+def test_ft_in_bf16_moves_the_weights_through_an_fp32_master_copy(tiny_model_dirs):
+    """In bf16, W₀ ± ε rounds back to W₀ for most weights when ε is below half a bf16 step; the fp32 master copy
+    keeps the fine-tuning alive and the written weights within the ball (up to one bf16 rounding)."""
+    model, tok = load_model(str(tiny_model_dirs["llama"]), dtype="bfloat16")
+    name = arch_for(model).layer("mlp_out", 1) + ".weight"
+    w0 = dict(model.named_parameters())[name].detach().clone()
+    ck = param_checksum(model)
+    eps = 5e-3
+    handle = FineTune().edit(model, tok, TINY_CASE, ft_hparams(norm_constraint=eps, num_steps=10))
+    w = dict(model.named_parameters())[name].detach()
+    assert w.dtype == torch.bfloat16
+    moved = (w != w0).float().mean().item()
+    assert moved > 0.5, f"only {moved:.0%} of the weights moved"
+    # one bf16 rounding of the written value: half its spacing, 2^(floor(log2|w|) − 8)
+    half_spacing = 2.0 ** (torch.floor(torch.log2(w.float().abs().clamp(min=1e-30))) - 8)
+    assert bool(((w.float() - w0.float()).abs() <= eps + half_spacing + 1e-7).all())
+    handle.restore()
+    assert param_checksum(model) == ck
+
+
+def test_alphaedit_and_pmet_hparams_ranges():
+    from editors.alphaedit import AlphaEditHparams
+    from editors.pmet import PmetHparams
+
+    for bad in ({"L2": 0}, {"nullspace_threshold": 0.0}):
+        with pytest.raises(ValueError, match=f"'{next(iter(bad))}' must be > 0"):
+            AlphaEditHparams.from_dict({"layers": [1], **bad})
+    with pytest.raises(ValueError, match="'nll_loss_factor' must be > 0"):
+        PmetHparams.from_dict({"layers": [1], "nll_loss_factor": -1})
+    assert PmetHparams.from_dict({"layers": [1]}).argmax_schedule is True
