@@ -146,9 +146,9 @@ class ExtraLoss(Protocol):
 
 
 POSITIVE = ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "sadr_steps", "stats_tokens", "stats_max_len",
-            "nll_loss_factor", "L2", "nullspace_threshold",
-            "mom2_update_weight")
-NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "early_stop_loss", "sadr_gamma", "template_seed")
+            "nll_loss_factor", "L2", "nullspace_threshold", "mom2_update_weight", "num_steps", "lr", "norm_constraint")
+NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "early_stop_loss", "sadr_gamma", "template_seed",
+                "weight_decay", "stop_loss")
 
 
 def _is_int(x: Any) -> bool:
@@ -168,8 +168,51 @@ def _check_type(editor: str, f, value: Any) -> None:
             return
 
 
+class Hparams:
+    """What every editor's hyper-parameter dataclass shares: `from_dict` refuses unknown names, missing required
+    ones, wrong types and out-of-range values (POSITIVE, NON_NEGATIVE), each as one line naming the field."""
+    editor: ClassVar[str] = "editor"
+    required: ClassVar[dict[str, str]] = {}  # field -> what it is, for the error message
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in fields(cls)} - cls.derived()
+        unknown = set(d) - names - {"sadr"}
+        if unknown:
+            raise HparamsError(f"unknown {cls.editor} hyper-parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        for name, what in cls.required.items():
+            if name not in d:
+                raise HparamsError(f"{cls.editor} needs hparams {name!r} ({what})")
+        kw = {k: v for k, v in d.items() if k in names}
+        for f in fields(cls):
+            if f.name in kw:
+                _check_type(cls.editor, f, kw[f.name])
+        hp = cls(**cls.derive(cls.normalise(kw)))
+        for name in POSITIVE:
+            if hasattr(hp, name) and not getattr(hp, name) > 0:
+                raise HparamsError(f"{cls.editor} hparams {name!r} must be > 0, got {getattr(hp, name)!r}")
+        for name in NON_NEGATIVE:
+            if hasattr(hp, name) and not getattr(hp, name) >= 0:
+                raise HparamsError(f"{cls.editor} hparams {name!r} must be >= 0, got {getattr(hp, name)!r}")
+        return hp
+
+    @classmethod
+    def normalise(cls, kw: dict[str, Any]) -> dict[str, Any]:
+        """Check and convert field values beyond their type (LocateHparams: template_lengths)."""
+        return kw
+
+    @classmethod
+    def derived(cls) -> set[str]:
+        """Fields computed from others (not settable)."""
+        return set()
+
+    @classmethod
+    def derive(cls, kw: dict[str, Any]) -> dict[str, Any]:
+        return kw
+
+
 @dataclass
-class VHparams:
+class VHparams(Hparams):
     layer: int
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
@@ -201,21 +244,9 @@ class LocateHparams(VHparams):
     model_id: str = ""
 
     editor: ClassVar[str] = "locate-then-edit"
-    required: ClassVar[dict[str, str]] = {}  # field -> what it is, for the error message
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        names = {f.name for f in fields(cls)} - cls.derived()
-        unknown = set(d) - names - {"sadr"}
-        if unknown:
-            raise HparamsError(f"unknown {cls.editor} hyper-parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        for name, what in cls.required.items():
-            if name not in d:
-                raise HparamsError(f"{cls.editor} needs hparams {name!r} ({what})")
-        kw = {k: v for k, v in d.items() if k in names}
-        for f in fields(cls):
-            if f.name in kw:
-                _check_type(cls.editor, f, kw[f.name])
+    def normalise(cls, kw: dict[str, Any]) -> dict[str, Any]:
         if "template_lengths" in kw:
             tl = kw["template_lengths"]
             if not tl or not all(isinstance(x, (list, tuple)) and len(x) == 2 and all(_is_int(y) and y > 0 for y in x)
@@ -223,27 +254,11 @@ class LocateHparams(VHparams):
                 raise HparamsError(f"{cls.editor} hparams 'template_lengths' must be a list of [length, count] pairs "
                                    f"of positive integers, got {tl!r}")
             kw["template_lengths"] = tuple(tuple(x) for x in tl)
-        hp = cls(**cls.derive(kw))
-        for name in POSITIVE:
-            if hasattr(hp, name) and not getattr(hp, name) > 0:
-                raise HparamsError(f"{cls.editor} hparams {name!r} must be > 0, got {getattr(hp, name)!r}")
-        for name in NON_NEGATIVE:
-            if hasattr(hp, name) and not getattr(hp, name) >= 0:
-                raise HparamsError(f"{cls.editor} hparams {name!r} must be >= 0, got {getattr(hp, name)!r}")
-        return hp
+        return kw
 
     def edit_layers(self) -> tuple[int, ...]:
         """The layers whose MLP this editor writes (checked against the model before any run)."""
         return (self.layer,)
-
-    @classmethod
-    def derived(cls) -> set[str]:
-        """Fields computed from others (not settable)."""
-        return set()
-
-    @classmethod
-    def derive(cls, kw: dict[str, Any]) -> dict[str, Any]:
-        return kw
 
     def template_groups(self) -> list[int]:
         """Sizes of the template groups: the bare ``"{}"`` then one group per (length, n)."""

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 from data_pipeline.schema import Case
 from editors.base import EditHandle, Editor, HparamsError
-from editors.core import build_batch, make_request
+from editors.core import Hparams, build_batch, make_request
 from model_layer.arch import arch_for
 from model_layer.attention import attention_rows
 
 
 @dataclass
-class FTHparams:
+class FTHparams(Hparams):
     layer: int
     num_steps: int = 25
     lr: float = 5e-4
@@ -42,31 +42,7 @@ class FTHparams:
     sadr_hinge: bool = True
 
     editor: ClassVar[str] = "FT-L"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FTHparams":
-        from dataclasses import fields
-
-        from editors.core import _check_type
-
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names - {"sadr"}
-        if unknown:
-            raise HparamsError(f"unknown FT-L hyper-parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        if "layer" not in d:
-            raise HparamsError("FT-L needs hparams 'layer' (the MLP whose down-projection is fine-tuned)")
-        kw = {k: v for k, v in d.items() if k in names}
-        for f in fields(cls):
-            if f.name in kw:
-                _check_type(cls.editor, f, kw[f.name])
-        hp = cls(**kw)
-        for name in ("num_steps", "lr", "norm_constraint", "sadr_steps"):
-            if not getattr(hp, name) > 0:
-                raise HparamsError(f"FT-L hparams {name!r} must be > 0, got {getattr(hp, name)!r}")
-        for name in ("layer", "weight_decay", "stop_loss", "sadr_gamma"):
-            if not getattr(hp, name) >= 0:
-                raise HparamsError(f"FT-L hparams {name!r} must be >= 0, got {getattr(hp, name)!r}")
-        return hp
+    required: ClassVar[dict[str, str]] = {"layer": "the MLP whose down-projection is fine-tuned"}
 
 
 class FineTune(Editor):
