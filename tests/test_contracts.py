@@ -359,3 +359,21 @@ def test_the_extra_editors_pipeline_runs_exactly_the_profiles_extra_cells_with_e
                 p = HROOT / d
                 files.update(p.rglob("*.py") if p.is_dir() else [p])
             assert files == set(cell_code_files(get_editor(item["editor"]))), cell
+
+
+def test_the_default_run_never_pulls_in_the_optional_editor_cells():
+    """The root aggregate/leaderboard stages depend on the profile's cells file by file: no dependency of theirs
+    contains an output of pipelines/editors/dvc.yaml (a folder dependency would make those cells upstream of the
+    default `dvc repro`)."""
+    from basis.params import get_profile
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    root = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    extra = yaml.safe_load((ROOT / "pipelines" / "editors" / "dvc.yaml").read_text())["stages"]
+    extra_outs = [f"results/embedded/smollm2-135m/cells/{cell}.jsonl" for st in extra.values() for cell in st["foreach"]]
+    cells = get_profile(params, "embedded").raw["cells"]
+    for name in ("aggregate", "leaderboard"):
+        deps = [d for d in root[name]["deps"] if isinstance(d, str)]
+        assert not [d for d in deps for o in extra_outs if o == d or o.startswith(d.rstrip("/") + "/")], name
+        listed = [d.rsplit("/", 1)[1][: -len(".jsonl")] for d in deps if d.startswith("results/embedded/smollm2-135m/cells/")]
+        assert listed == cells, name  # every default cell, in the profile's order
