@@ -99,7 +99,7 @@ class AlphaEdit(Memit):
 
     def prepare(self, model, tok, hparams, progress: bool = True) -> list[str]:
         hp = self.hparams_cls.from_dict(hparams)
-        done = self.prepare_layers(model, tok, hp, hp.edit_layers(), progress)
+        done = super().prepare(model, tok, hparams, progress)
         for layer in hp.edit_layers():
             basis = self.nullspace(model, tok, layer, hp)
             done.append(f"layer {layer}: null space of C below {hp.nullspace_threshold:g}: {basis.shape[1]} of "

@@ -340,19 +340,32 @@ class LocateEditor(Editor):
         hp = self.hparams_cls.from_dict(hparams)
         return {"gamma": hp.sadr_gamma, "hinge": hp.sadr_hinge}
 
-    def artefacts(self, model, tok, hparams: dict[str, Any]) -> list[Artefact]:
-        """The second-moment file of every edited layer (made by `driftbench stats`)."""
+    def statistics_modules(self, model, hp: LocateHparams) -> list[str]:
+        """The modules whose input second moment C the editor needs: the down-projection of every edited layer
+        (IntAttn-Edit adds the attention output projections)."""
         from model_layer.arch import arch_for
 
-        hp, arch = self.hparams_cls.from_dict(hparams), arch_for(model)
-        return [Artefact("second_moment", str(Path(hp.stats_dir) / self.stats_key(model, arch.layer("mlp_out", layer),
-                                                                                  hp)[0].filename()),
-                         "driftbench stats") for layer in hp.edit_layers()]
+        return [arch_for(model).layer("mlp_out", layer) for layer in hp.edit_layers()]
+
+    def artefacts(self, model, tok, hparams: dict[str, Any]) -> list[Artefact]:
+        """The second-moment file of every module of `statistics_modules` (made by `driftbench stats`)."""
+        hp = self.hparams_cls.from_dict(hparams)
+        return [Artefact("second_moment", str(Path(hp.stats_dir) / self.stats_key(model, m, hp)[0].filename()),
+                         "driftbench stats") for m in self.statistics_modules(model, hp)]
 
     def prepare(self, model, tok, hparams: dict[str, Any], progress: bool = True) -> list[str]:
-        """Compute (or find) the second-moment statistics of every edited layer; returns what each file holds."""
-        hp = self.hparams_cls.from_dict(hparams)
-        return self.prepare_layers(model, tok, hp, hp.edit_layers(), progress)
+        """Compute (or find) C for every module of `statistics_modules`; returns what each file holds."""
+        from editors.stats import stats_report
+
+        hp, done = self.hparams_cls.from_dict(hparams), []
+        for module in self.statistics_modules(model, hp):
+            self.covariance(model, tok, module, hp, progress=progress)
+            path = Path(hp.stats_dir) / self.stats_key(model, module, hp)[0].filename()
+            r = stats_report(path)
+            ran_out = f" (the corpus ran out before {r['requested']:,})" if r["exhausted"] else ""
+            done.append(f"{path.name}: {r['count']:,} tokens{ran_out}, dim {r['dim']}, eigenvalues "
+                        f"{r['eig_min']:.3g}..{r['eig_max']:.3g}, {r['n_eig_below_1e-6']} below 1e-6 of the largest")
+        return done
 
     def __init__(self) -> None:
         self._templates: dict[tuple, list[str]] = {}
@@ -394,22 +407,6 @@ class LocateEditor(Editor):
         if key not in self._cov:
             self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress)
         return self._cov[key]
-
-    def prepare_layers(self, model, tok, hp: LocateHparams, layers: Sequence[int], progress: bool = True) -> list[str]:
-        """Compute (or find) C for the down-projection of every edited layer; returns what each file holds."""
-        from editors.stats import stats_report
-        from model_layer.arch import arch_for
-
-        arch, done = arch_for(model), []
-        for layer in layers:
-            module = arch.layer("mlp_out", layer)
-            self.covariance(model, tok, module, hp, progress=progress)
-            path = Path(hp.stats_dir) / self.stats_key(model, module, hp)[0].filename()
-            r = stats_report(path)
-            ran_out = f" (the corpus ran out before {r['requested']:,})" if r["exhausted"] else ""
-            done.append(f"{path.name}: {r['count']:,} tokens{ran_out}, dim {r['dim']}, eigenvalues "
-                        f"{r['eig_min']:.3g}..{r['eig_max']:.3g}, {r['n_eig_below_1e-6']} below 1e-6 of the largest")
-        return done
 
 
 @dataclass

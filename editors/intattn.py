@@ -33,7 +33,7 @@ from basis.errors import UserError
 from editors.base import Artefact, EditHandle
 from editors.core import (HparamsError, grouped_mean, least_squares_update, make_request, module_io_at,
                           subject_rows)
-from editors.memit import Memit, MemitHparams
+from editors.memit import Memit, MemitHparams, z_reached
 from model_layer.arch import arch_for
 
 
@@ -103,36 +103,20 @@ class IntAttn(Memit):
                 with torch.no_grad():
                     weight.add_(dw.to(weight.dtype))
                 norms["attn" if kind == "attn_out" else "mlp"].append(float(dw.norm()))
-        _, z_final = module_io_at(model, z_block, rows[:1], s_idx[:1], pad)
-        gap0, gap1 = float((res.v_star - res.v_init).norm()), float((res.v_star - z_final[0]).norm())
+        gap0, reached = z_reached(model, z_block, rows, s_idx, res, pad)
         handle.diagnostics = {"layers": list(hp.layers), "alpha": alpha, "steps": res.steps,
                               "final_loss": res.losses[-1], "delta_norm": gap0, "z_init_norm": float(res.v_init.norm()),
                               "attn_update_norms": norms["attn"], "mlp_update_norms": norms["mlp"],
-                              "z_reached": (1.0 - gap1 / gap0) if gap0 > 0 else 1.0, **res.notes}
+                              "z_reached": reached, **res.notes}
         handle.timings = {"update_s": time.perf_counter() - t0}
         return handle
 
-    def load_statistics(self, model, tok, hp: IntAttnHparams) -> None:
-        for module in self.modules(model, hp):  # both modules' C, while the model is unedited
-            self.covariance(model, tok, module, hp)
-
-    def modules(self, model, hp: IntAttnHparams) -> list[str]:
+    def statistics_modules(self, model, hp: IntAttnHparams) -> list[str]:
         arch = arch_for(model)
         return [arch.layer(kind, layer) for layer in hp.layers for kind in ("attn_out", "mlp_out")]
 
     def artefacts(self, model, tok, hparams) -> list[Artefact]:
         """C of both modules of every edit layer (`driftbench stats`) and the causal trace α comes from."""
         hp = self.hparams_cls.from_dict(hparams)
-        out = [Artefact("second_moment", str(Path(hp.stats_dir) / self.stats_key(model, m, hp)[0].filename()),
-                        "driftbench stats") for m in self.modules(model, hp)]
-        if hp.alpha_from:
-            out.append(Artefact("trace", hp.alpha_from, "driftbench trace"))
-        return out
-
-    def prepare(self, model, tok, hparams, progress: bool = True) -> list[str]:
-        hp = self.hparams_cls.from_dict(hparams)
-        done = []
-        for module in self.modules(model, hp):
-            c = self.covariance(model, tok, module, hp, progress=progress)
-            done.append(f"{module}: C of dim {c.shape[0]}")
-        return done
+        return super().artefacts(model, tok, hparams) + (
+            [Artefact("trace", hp.alpha_from, "driftbench trace")] if hp.alpha_from else [])

@@ -56,6 +56,13 @@ class MemitHparams(LocateHparams):
         return self.layers
 
 
+def z_reached(model, module: str, rows, s_idx, res: VResult, pad: int) -> tuple[float, float]:
+    """(‖z* − z_init‖, the share of it the written layers achieved at ``module`` for the bare prompt: 1 = all)."""
+    _, z_final = module_io_at(model, module, rows[:1], s_idx[:1], pad)
+    gap0, gap1 = float((res.v_star - res.v_init).norm()), float((res.v_star - z_final[0]).norm())
+    return gap0, (1.0 - gap1 / gap0) if gap0 > 0 else 1.0
+
+
 class Memit(LocateEditor):
     hparams_cls = MemitHparams
     name = "memit"
@@ -98,12 +105,7 @@ class Memit(LocateEditor):
             with torch.no_grad():
                 weight.add_(dw.to(weight.dtype))
             update_norms.append(float(dw.norm()))
-        reached = []
-        for (r, s_idx), res in zip(rows, results):
-            _, z_final = module_io_at(model, z_block, r[:1], s_idx[:1], pad)
-            gap0, gap1 = float((res.v_star - res.v_init).norm()), float((res.v_star - z_final[0]).norm())
-            # how much of z* − z_init the spread over the layers achieved at the last edit layer (1 = all of it)
-            reached.append((gap0, (1.0 - gap1 / gap0) if gap0 > 0 else 1.0))
+        reached = [z_reached(model, z_block, r, s_idx, res, pad) for (r, s_idx), res in zip(rows, results)]
         res = results[0]
         handle.diagnostics = {
             "layers": list(hp.layers), "steps": res.steps, "final_loss": res.losses[-1], "delta_norm": reached[0][0],
@@ -124,8 +126,8 @@ class Memit(LocateEditor):
     def load_statistics(self, model, tok, hp: MemitHparams) -> None:
         """Load (or compute) every statistic the write needs while the model is still unedited: a missing file is
         then never computed on a partly written model."""
-        for layer in hp.layers:
-            self.covariance(model, tok, arch_for(model).layer("mlp_out", layer), hp)
+        for module in self.statistics_modules(model, hp):
+            self.covariance(model, tok, module, hp)
 
     def layer_update(self, model, tok, layer: int, k: torch.Tensor, resid: torch.Tensor, hp: MemitHparams,
                      ctx) -> torch.Tensor:
