@@ -32,7 +32,8 @@ def main() -> None:
 
     from basis.params import get_profile
     from driftbench.cli.common import _hparams, _load, _ppl_corpus, _subset_cases
-    from editors.base import EditContext, get_editor
+    from editors.base import EditContext
+    from editors.registry import get_editor
     from evaluators.generation import load_corpus
     from evaluators.scoring import ProbeScorer
 

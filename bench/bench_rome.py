@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from data_pipeline.dataset import load_cases
-    from editors.base import get_editor
+    from editors.registry import get_editor
     from evaluators.scoring import ProbeScorer
     from model_layer.loading import load_model
 

@@ -57,7 +57,8 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from data_pipeline.dataset import load_cases
-    from editors.base import EditContext, get_editor
+    from editors.base import EditContext
+    from editors.registry import get_editor
     from editors.core import VHparams, build_batch, make_request, optimise_target
     from editors.rome import RomeHparams
     from editors.sadr import SADRLoss

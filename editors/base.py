@@ -1,4 +1,4 @@
-"""The editor contract (v2): what an editor declares, how its effect is undone, and the registry.
+"""The editor contract (v2): what an editor declares and how its effect is undone (the registry: editors/registry.py).
 
 An editor is a class with
 
@@ -18,14 +18,13 @@ An editor is a class with
 The harness (evaluators.harness) checks after every unit that parameters, the module tree and the editor's state
 are bit-identical to before (`model_layer.checksum.model_state`). Editors written against the first contract
 (``edit(model, tok, case, hparams) -> EditHandle``) keep working through `LegacyEditor`. Third-party editors
-register under the entry-point group ``driftbench.editors`` (``name = "pkg.module:Class"``).
+register under the entry-point group ``driftbench.editors`` (``name = "pkg.module:Class"``; `editors.registry`).
 """
 from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
@@ -279,37 +278,3 @@ def as_v2(obj) -> Editor:
         return LegacyEditor(obj)
     raise UserError(f"{type(obj).__name__} is not an editor: it needs apply(...) (driftbench.editors contract v2, "
                     "subclass editors.base.Editor) or edit(model, tok, case, hparams)")
-
-
-# name -> "module:Class" (imported only when asked for) or the class itself
-_BUILTINS: dict[str, Any] = {"none": "editors.none:NoEdit", "rome": "editors.rome:Rome", "memit": "editors.memit:Memit",
-                             "alphaedit": "editors.alphaedit:AlphaEdit", "pmet": "editors.pmet:Pmet",
-                             "ft": "editors.ft:FineTune", "intattn": "editors.intattn:IntAttn"}
-
-
-def available_editors() -> list[str]:
-    names = set(_BUILTINS)
-    names.update(ep.name for ep in entry_points(group="driftbench.editors"))
-    return sorted(names)
-
-
-class UnknownEditorError(UserError, KeyError):
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-def get_editor(name: str) -> Editor:
-    """The editor registered as ``name`` (built-in, imported only when asked for, or an entry point)."""
-    import importlib
-
-    if name in _BUILTINS:
-        factory = _BUILTINS[name]
-        if isinstance(factory, str):
-            mod, cls = factory.split(":")
-            factory = getattr(importlib.import_module(mod), cls)
-        return as_v2(factory())
-    for ep in entry_points(group="driftbench.editors"):
-        if ep.name == name:
-            return as_v2(ep.load()())
-    raise UnknownEditorError(f"unknown editor {name!r}; available: {available_editors()}. "
-                             "Third-party editors register an entry point in the group 'driftbench.editors'.")

@@ -202,7 +202,7 @@ def run_none(spec: CellSpec, cases: list[Case], pre_path: Path, out_path: Path, 
              expect_fingerprint: str | None = None) -> list[dict] | None:
     """The unedited baseline from the pre-edit rows (no edit, so nothing to score again): post = pre, with the
     row schema of every cell. tests/test_harness.py keeps a scored run of `none` to check that they agree."""
-    from editors.base import get_editor
+    from editors.registry import get_editor
 
     pre = _pre_rows(pre_path, cases)
     fp = fingerprint({"stage": "cell", "cell": spec.cell_id, "pre": sorted({str(pre[c.case_id].get("fingerprint")) for c in cases}),
@@ -225,7 +225,7 @@ def run_none(spec: CellSpec, cases: list[Case], pre_path: Path, out_path: Path, 
 def prepare_cell(model, tok, spec: CellSpec, editor=None):
     """Check everything about a cell that can be checked before any output is touched: the editor exists and can run
     this cell (SADR, sequential, batch), its hyper-parameters fit the model, its artefacts exist."""
-    from editors.base import get_editor
+    from editors.registry import get_editor
 
     editor = editor or get_editor(spec.editor)
     caps = editor.capabilities

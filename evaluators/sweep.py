@@ -57,7 +57,7 @@ def config_name(cell: str, over: Mapping[str, Any]) -> str:
 def run_sweep(model, tok, *, profile: str, model_name: str, editor: str, sadr: bool, base_hparams: dict,
               grid: list[dict], cases: list, content_id: str, out_dir: Path, batch_size: int,
               model_id: str | None = None, progress: bool = True) -> dict:
-    from editors.base import get_editor
+    from editors.registry import get_editor
     from evaluators.harness import CellSpec, run_cell, run_pre
 
     out_dir = Path(out_dir)

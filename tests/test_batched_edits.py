@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.base import EditContext, get_editor
+from editors.base import EditContext
+from editors.registry import get_editor
 from editors.core import (VHparams, build_batch, generate_context_templates, make_request, optimise_target,
                           optimise_targets)
 from editors.sadr import SADRLoss

@@ -20,7 +20,8 @@ import yaml
 
 from basis.cells import Mode, parse_cell
 from data_pipeline.schema import Case
-from editors.base import EditContext, EditHandle, Editor, LegacyEditor, as_v2, get_editor
+from editors.base import EditContext, EditHandle, Editor, LegacyEditor, as_v2
+from editors.registry import get_editor
 from model_layer.checksum import model_state, param_checksum
 from model_layer.loading import load_model
 from test_memit import memit_hparams
@@ -96,9 +97,10 @@ def pre(tmp_path_factory, tiny):
 
 def _run(tiny, pre, tmp_path, monkeypatch, cls, cell, hparams=None, cases=PRE_CASES[:3]):
     import editors.base
+    import editors.registry
     from evaluators.harness import CellSpec, run_cell
 
-    monkeypatch.setitem(editors.base._BUILTINS, cls.name, cls)
+    monkeypatch.setitem(editors.registry._BUILTINS, cls.name, cls)
     c = parse_cell(cell)
     model, tok = tiny
     return run_cell(model, tok, CellSpec("test", "tiny", c.editor, c.sadr, hparams or {}, mode=c.mode), "test", cases,

@@ -118,6 +118,7 @@ def reference(tmp_path_factory, tiny, data):
 def counters(monkeypatch):
     """Count editor.edit and ProbeScorer.score_case calls made in this process."""
     import editors.base
+    import editors.registry
     import evaluators.scoring
 
     calls = {"edit": 0, "score": 0}
@@ -138,7 +139,7 @@ def counters(monkeypatch):
             return editors.none.NoEdit().code_files()
 
     monkeypatch.setattr(evaluators.scoring.ProbeScorer, "score_case", counting_score)
-    monkeypatch.setitem(editors.base._BUILTINS, "none", CountingNoEdit)
+    monkeypatch.setitem(editors.registry._BUILTINS, "none", CountingNoEdit)
     return calls
 
 
@@ -342,6 +343,7 @@ def test_a_failing_run_leaves_the_finished_output_as_it_was(tmp_path, monkeypatc
     """A run that fails half-way (here: an editor that raises on its third case) never shrinks the finished output;
     the rows it did compute are in their parts and are not computed again."""
     import editors.base
+    import editors.registry
     from evaluators.harness import CellSpec, run_cell
 
     calls = []
@@ -355,7 +357,7 @@ def test_a_failing_run_leaves_the_finished_output_as_it_was(tmp_path, monkeypatc
                 raise RuntimeError("boom")
             return editors.base.EditHandle()
 
-    monkeypatch.setitem(editors.base._BUILTINS, "flaky", Flaky)
+    monkeypatch.setitem(editors.registry._BUILTINS, "flaky", Flaky)
     model, tok = tiny
     work = _copy_reference(reference, tmp_path)
     out = work / "flaky.jsonl"
@@ -485,11 +487,12 @@ class CarefulEditor:
 
 def test_verify_restore_catches_a_broken_editor(tmp_path, monkeypatch, reference, data, model_dir):
     import editors.base
+    import editors.registry
     from evaluators.harness import CellSpec, run_cell
     from model_layer.loading import load_model
 
     model, tok = load_model(str(model_dir))  # a private copy: this test corrupts it
-    monkeypatch.setitem(editors.base._BUILTINS, "broken", BrokenEditor)
+    monkeypatch.setitem(editors.registry._BUILTINS, "broken", BrokenEditor)
     with pytest.raises(RuntimeError, match=r"the model differs after restore\(\)"):
         run_cell(model, tok, CellSpec(PROFILE, MODEL, "broken"), data.content_id, data.cases,
                  reference.dir / "pre.jsonl", tmp_path / "broken.jsonl", verify_restore=True, progress=False)
@@ -499,12 +502,13 @@ def test_verify_restore_catches_a_broken_editor(tmp_path, monkeypatch, reference
 
 def test_verify_restore_passes_for_a_correct_editor(tmp_path, monkeypatch, reference, data, model_dir):
     import editors.base
+    import editors.registry
     from evaluators.harness import CellSpec, run_cell
     from model_layer.checksum import param_checksum
     from model_layer.loading import load_model
 
     model, tok = load_model(str(model_dir))
-    monkeypatch.setitem(editors.base._BUILTINS, "careful", CarefulEditor)
+    monkeypatch.setitem(editors.registry._BUILTINS, "careful", CarefulEditor)
     before = param_checksum(model)
     cases = data.cases[:5]
     rows = run_cell(model, tok, CellSpec(PROFILE, MODEL, "careful"), data.content_id, cases,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.base import get_editor
+from editors.registry import get_editor
 from editors.core import grouped_mean, least_squares_update, target_ids
 from editors.memit import Memit, MemitHparams
 from evaluators.scoring import ProbeScorer

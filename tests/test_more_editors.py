@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from editors.alphaedit import AlphaEdit, projected_update
-from editors.base import EditContext, get_editor
+from editors.base import EditContext
+from editors.registry import get_editor
 from editors.core import (VHparams, build_batch, generate_context_templates, least_squares_update, make_request,
                           optimise_target, target_ids)
 from editors.ft import FineTune, FTHparams

@@ -73,7 +73,7 @@ def _uses_statistics(editor: str) -> bool:
     editor whose hparams class lacks them (FT-L) gets none; one without a declared class (plugins) gets them all."""
     import dataclasses
 
-    from editors.base import get_editor
+    from editors.registry import get_editor
 
     cls = getattr(get_editor(editor), "hparams_cls", None)
     if cls is None or not dataclasses.is_dataclass(cls):

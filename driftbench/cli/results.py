@@ -126,7 +126,7 @@ def cmd_validate(args, params):
 
 
 def cmd_editors(args, params):
-    from editors.base import available_editors
+    from editors.registry import available_editors
 
     print("\n".join(available_editors()))
 

@@ -90,7 +90,7 @@ def cmd_stats(args, params):
     """Run each editor's `prepare` (its artefacts, such as key second moments) for the profile's cells and for
     every other editor with hyper-parameters for the model, so a cell run by hand never writes into the stats
     folder (a DVC output the cells depend on)."""
-    from editors.base import get_editor
+    from editors.registry import get_editor
 
     profile = get_profile(params, args.profile)
     name, model, tok = _load(profile, args.model, stored=True)  # C in the stored dtype
