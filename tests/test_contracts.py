@@ -348,6 +348,11 @@ def test_the_extra_editors_pipeline_runs_exactly_the_profiles_extra_cells_with_e
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "pipelines" / "editors" / "dvc.yaml").read_text())["stages"]
     raw = get_profile(params, "embedded").raw
+    summary = stages.pop("aggregate")  # every cell, default and optional, in the profile's order
+    assert "--cells all" in summary["cmd"]
+    listed = [d.rsplit("/", 1)[1][: -len(".jsonl")] for d in summary["deps"]
+              if d.startswith("results/embedded/smollm2-135m/cells/")]
+    assert listed == raw["cells"] + raw["extra_cells"]
     keys = [cell for st in stages.values() for cell in st["foreach"]]
     assert sorted(keys) == sorted(raw["extra_cells"]) and not set(keys) & set(raw["cells"])
     for st in stages.values():
@@ -372,7 +377,8 @@ def test_the_default_run_never_pulls_in_the_optional_editor_cells():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     root = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     extra = yaml.safe_load((ROOT / "pipelines" / "editors" / "dvc.yaml").read_text())["stages"]
-    extra_outs = [f"results/embedded/smollm2-135m/cells/{cell}.jsonl" for st in extra.values() for cell in st["foreach"]]
+    extra_outs = [f"results/embedded/smollm2-135m/cells/{cell}.jsonl" for st in extra.values()
+                  for cell in st.get("foreach", ())]
     cells = get_profile(params, "embedded").raw["cells"]
     for name in ("aggregate", "leaderboard"):
         deps = [d for d in root[name]["deps"] if isinstance(d, str)]

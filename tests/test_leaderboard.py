@@ -521,6 +521,26 @@ def test_cli_submit_validate_leaderboard(tmp_path, monkeypatch, capsys):
     assert "skip-invalid" in capsys.readouterr().err
 
 
+def test_leaderboard_adds_the_optional_cells_that_have_been_run(tmp_path, monkeypatch, capsys):
+    """extra_cells (pipelines/editors/dvc.yaml) join the site when their file exists; --cells default leaves them out;
+    aggregate --cells all requires every one."""
+    project = _project(tmp_path)
+    params = json.loads((project / "params.yaml").read_text())
+    params["profiles"]["embedded"]["extra_cells"] = ["rome+steps", "memit"]
+    (project / "params.yaml").write_text(json.dumps(params))
+    write_result_file(project / "results" / "embedded" / "tiny" / "cells" / "rome+steps.jsonl",
+                      "embedded/tiny/rome+steps", 6)
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("DRIFTBENCH_DATA_MIRROR", raising=False)
+    assert main(["leaderboard", "-p", "embedded", "--no-paper"]) == 0
+    out = capsys.readouterr().out
+    assert "2 pipeline cells" in out and "1 optional cell(s) not run yet" in out
+    assert main(["leaderboard", "-p", "embedded", "--no-paper", "--cells", "default", "--quiet"]) == 0
+    assert "1 pipeline cells" in capsys.readouterr().out
+    assert main(["aggregate", "-p", "embedded", "--cells", "all"]) == 2
+    assert "memit.jsonl" in capsys.readouterr().err
+
+
 def test_leaderboard_room_never_imports_torch(tmp_path):
     """design.md §2: the leaderboard reads result files only; building a site must not pull in torch/transformers."""
     import subprocess

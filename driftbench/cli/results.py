@@ -15,7 +15,7 @@ def cmd_aggregate(args, params):
     from evaluators.aggregate import aggregate, format_table
 
     profile = get_profile(params, args.profile)
-    files = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("cells", [])]
+    files = [profile.cell_path(m, c) for m in profile.models for c in _cell_names(profile, args.cells)]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise UserError(f"missing result files {missing}: run their `driftbench run-cell` stages first")
@@ -23,6 +23,11 @@ def cmd_aggregate(args, params):
     summary = aggregate(files, Path(args.out_json), Path(args.out_md), expected_cases=expected)
     print(format_table(summary))
     print(f"\nwrote {args.out_json} and {args.out_md}")
+
+
+def _cell_names(profile, which: str) -> list[str]:
+    """The profile's default cells (``cells``: what `dvc repro` runs) or those plus ``extra_cells``."""
+    return list(profile.raw.get("cells", [])) + (list(profile.raw.get("extra_cells", [])) if which == "all" else [])
 
 
 def cmd_leaderboard(args, params):
@@ -39,6 +44,12 @@ def cmd_leaderboard(args, params):
             raise UserError(f"missing result files {missing}: run their `driftbench run-cell` stages first "
                             "(or pass --allow-missing)")
         files += [f for f in wanted if f.is_file()]
+        if args.cells == "all":  # the optional cells (pipelines/editors/dvc.yaml) that have been run
+            extra = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("extra_cells", [])]
+            files += [f for f in extra if f.is_file()]
+            if not args.quiet and len(files) < len(wanted) + len(extra):
+                print(f"{len(wanted) + len(extra) - len(files)} optional cell(s) not run yet: "
+                      "`dvc repro pipelines/editors/dvc.yaml` runs them")
     files += _result_files(args.results)
     if args.no_paper:
         paper = None
@@ -136,6 +147,9 @@ def register(sub, add, with_profile) -> None:
     ag = with_profile(add(sub, "aggregate", "summary tables with 95%% CIs from result files only"), model=False)
     ag.add_argument("--out-json", default="results/summary.json")
     ag.add_argument("--out-md", default="results/summary.md")
+    ag.add_argument("--cells", choices=("default", "all"), default="default",
+                    help="default: the profile's cells (what `dvc repro` runs); all: also its extra_cells "
+                         "(pipelines/editors/dvc.yaml), every file required")
     ag.set_defaults(func=cmd_aggregate)
 
     lb = with_profile(add(sub, "leaderboard", "build the static leaderboard site (index with one table per model, "
@@ -146,6 +160,10 @@ def register(sub, add, with_profile) -> None:
                     help="extra result file (or folder of *.jsonl) to include; repeatable")
     lb.add_argument("--no-profile", action="store_true", help="only the --results files, not the profile's cells")
     lb.add_argument("--allow-missing", action="store_true", help="skip profile cells that have no result file yet")
+    lb.add_argument("--cells", choices=("default", "all"), default="all",
+                    help="all (default): the profile's cells and those of its extra_cells that have been run "
+                         "(`dvc repro pipelines/editors/dvc.yaml`, then `dvc repro -f -s leaderboard`); "
+                         "default: the profile's cells only")
     lb.add_argument("--out", default="site", help="output folder, replaced atomically (default: site)")
     lb.add_argument("--submissions", default="leaderboard/submissions",
                     help="folder of accepted submission bundles (default: leaderboard/submissions)")
