@@ -353,12 +353,19 @@ def test_the_extra_editors_pipeline_runs_exactly_the_profiles_extra_cells_with_e
     listed = [d.rsplit("/", 1)[1][: -len(".jsonl")] for d in summary["deps"]
               if d.startswith("results/embedded/smollm2-135m/cells/")]
     assert listed == raw["cells"] + raw["extra_cells"]
+    training = stages.pop("train_mend")  # MEND's checkpoints, one stage each, the cells depend on both folders
+    assert sorted(training["foreach"]) == ["mend", "mend+sadr"]
+    assert training["do"]["cmd"].startswith("driftbench train-mend -p embedded ${item.flag}")
+    outs = [next(iter(o)) for o in training["do"]["outs"]]
+    assert outs == ["checkpoints/smollm2-135m/${key}"]
+    for dep in ("checkpoints/smollm2-135m/mend", "checkpoints/smollm2-135m/mend+sadr"):
+        assert dep in stages["mend"]["do"]["deps"]
     keys = [cell for st in stages.values() for cell in st["foreach"]]
     assert sorted(keys) == sorted(raw["extra_cells"]) and not set(keys) & set(raw["cells"])
     for st in stages.values():
         assert st["do"]["wdir"] == "../.." and st["do"]["cmd"] == "driftbench run-cell -p embedded -c ${key}"
         code_deps = [d.split("#")[0].strip() for d in st["do"]["deps"]
-                     if not d.startswith(("$", "data/", "models/", "results/", "stats/"))]
+                     if not d.startswith(("$", "data/", "models/", "results/", "stats/", "checkpoints/"))]
         for cell, item in st["foreach"].items():
             assert item["editor"] == parse_cell(cell).editor
             files = set()

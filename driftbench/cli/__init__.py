@@ -18,6 +18,7 @@ EPILOG = """stages, in pipeline order (all read params.yaml):
   driftbench evaluate pre   -p embedded     pre-edit scores, once per model, shared by every editor
   driftbench trace          -p embedded     causal tracing on known facts: which layer to edit (json + png)
   driftbench stats          -p embedded     key second moments E[kk^T] per edited layer (content-named files)
+  driftbench train-mend     -p embedded [--sadr]   MEND's hyper-network checkpoint (cases never evaluated)
   driftbench run-cell       -p embedded -c rome+sadr   edit -> score -> restore for every case of one cell
   driftbench sweep          -p embedded -c rome --vary layer=1,3,5   tune on held-out cases (not a stage)
   driftbench aggregate      -p embedded     results/summary.json (+ .md) from result files only

@@ -65,20 +65,27 @@ def _hparams(params, profile, name: str, editor: str) -> dict:
         corpus = hp.get("stats_corpus", "wikitext-2-raw/wiki.test.raw")
         if not corpus.startswith("hub:"):  # a file of the data mirror
             hp["stats_corpus"] = str(resolve_mirror(params["data"]["mirror"]) / corpus)
+    if editor != "none" and "checkpoint_dir" in _hparam_names(editor):  # trained artefacts (MEND)
+        hp.setdefault("model_id", _model_id(profile, name))
+        hp.setdefault("checkpoint_dir", str(Path("checkpoints") / name))
     return hp
 
 
-def _uses_statistics(editor: str) -> bool:
-    """Whether the editor's hyper-parameters take the statistics settings (stats_dir, stats_corpus, model_id): an
-    editor whose hparams class lacks them (FT-L) gets none; one without a declared class (plugins) gets them all."""
+def _hparam_names(editor: str) -> set[str]:
+    """The field names of the editor's hparams class (empty for an editor without one)."""
     import dataclasses
 
     from editors.registry import get_editor
 
     cls = getattr(get_editor(editor), "hparams_cls", None)
-    if cls is None or not dataclasses.is_dataclass(cls):
-        return True
-    return "stats_dir" in {f.name for f in dataclasses.fields(cls)}
+    return {f.name for f in dataclasses.fields(cls)} if cls is not None and dataclasses.is_dataclass(cls) else set()
+
+
+def _uses_statistics(editor: str) -> bool:
+    """Whether the editor's hyper-parameters take the statistics settings (stats_dir, stats_corpus, model_id): an
+    editor whose hparams class lacks them (FT-L) gets none; one without a declared class (plugins) gets them all."""
+    names = _hparam_names(editor)
+    return not names or "stats_dir" in names
 
 
 def _ppl_corpus(params) -> Path | None:

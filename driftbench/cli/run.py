@@ -102,6 +102,55 @@ def cmd_stats(args, params):
             print(f"{name} {editor}: {what}")
 
 
+def cmd_train_mend(args, params):
+    """Train MEND's hyper-network (plain, or with SADR's term) for one model of the profile: the checkpoint its
+    mend / mend+sadr cells load (content-named by the recipe; resumable)."""
+    from tqdm import tqdm
+
+    from data_pipeline.dataset import load_cases
+    from data_pipeline.subset import held_out
+    from editors.mend import MendHparams
+    from editors.mend_train import train, training_cases
+    from editors.registry import get_editor
+
+    profile = get_profile(params, args.profile)
+    name, _ = profile.model(args.model)
+    hparams = _hparams(params, profile, name, "mend")
+    if not (profile.raw.get("hparams") or {}).get(name, {}).get("mend"):
+        raise UserError(f"params.yaml profiles.{args.profile}.hparams.{name} has no 'mend' entry: add MEND's "
+                        "hyper-parameters for this model first")
+    editor = get_editor("mend")
+    editor.check_hparams(None, hparams)
+    hp = MendHparams.from_dict(hparams)
+    sadr = editor.sadr_settings(hparams) if args.sadr else None
+    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+    reported = [c.case_id for c in _subset_cases(params, profile)]
+    exclude = set(reported) | set(held_out(cases, hp.heldout, args.heldout_seed, exclude=reported) if hp.heldout else [])
+    train_set = training_cases(cases, exclude, hp.train_seed)
+    out = hp.checkpoint_path(sadr)
+    if out.is_file() and not args.force:
+        print(f"{out} exists (the recipe's checkpoint); --force retrains it")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _, model, tok = _load(profile, name)
+    print(f"MEND{'+SADR' if sadr else ''} on {name}: {len(train_set)} training cases ({len(exclude)} evaluated or "
+          f"held out excluded), {hp.train_steps} edits, {hp.train_steps // hp.accumulate} optimiser steps -> {out}")
+    bar = tqdm(total=hp.train_steps, desc=f"train mend{'+sadr' if sadr else ''}", disable=args.no_progress)
+
+    def progress(step, row):
+        bar.n = step
+        bar.set_postfix(edit=f"{row['edit_nll_pre']:.2f}->{row['edit_nll']:.2f}", kl=f"{row['loc_kl']:.3f}")
+
+    meta = train(model, tok, train_set, hp, sadr, out, progress)
+    bar.close()
+    for old in out.parent.glob("mend.*.safetensors"):  # checkpoints of earlier recipes (the stage's folder)
+        if old != out:
+            old.unlink()
+    first, last = meta["history"][0], meta["history"][-1]
+    print(f"wrote {out}: edit NLL after the edit {first['edit_nll']:.3f} (first step) -> {last['edit_nll']:.3f} "
+          f"(last), locality KL {first['loc_kl']:.4f} -> {last['loc_kl']:.4f}, {meta['skipped']} steps skipped")
+
+
 def cmd_sweep(args, params):
     """Sweep hyper-parameters of one cell on held-out cases (never the profile's reported subset)."""
     from data_pipeline.dataset import load_cases
@@ -201,6 +250,16 @@ def register(sub, add, with_profile) -> None:
     st = with_profile(add(sub, "stats", "second-moment statistics E[kkᵀ] for every edited layer (cached)"),
                       progress=True)
     st.set_defaults(func=cmd_stats)
+
+    tm = with_profile(add(sub, "train-mend", "train MEND's hyper-network for a model (the checkpoint its cells load; "
+                          "training cases exclude the evaluated subset and the sweeps' held-out cases; resumable)"),
+                      progress=True)
+    tm.add_argument("--sadr", action="store_true", help="add SADR's term to the training loss (MEND+SADR's checkpoint)")
+    tm.add_argument("--heldout-seed", type=int, default=7,
+                    help="seed of the sweeps' held-out order whose first `heldout` cases are never trained on "
+                         "(default 7, the sweep's)")
+    tm.add_argument("--force", action="store_true", help="retrain even when the recipe's checkpoint exists")
+    tm.set_defaults(func=cmd_train_mend)
 
     sw = with_profile(add(sub, "sweep", "hyper-parameter sweep of one cell on held-out cases (resumable; table in "
                           "results/<profile>/<model>/sweep/sweep.md)"), progress=True)
