@@ -15,7 +15,8 @@ from editors.base import Editor, as_v2
 # name -> "module:Class" (imported only when asked for) or the class itself
 _BUILTINS: dict[str, Any] = {"none": "editors.none:NoEdit", "rome": "editors.rome:Rome", "memit": "editors.memit:Memit",
                              "alphaedit": "editors.alphaedit:AlphaEdit", "pmet": "editors.pmet:Pmet",
-                             "ft": "editors.ft:FineTune", "intattn": "editors.intattn:IntAttn", "mend": "editors.mend:Mend"}
+                             "ft": "editors.ft:FineTune", "intattn": "editors.intattn:IntAttn", "mend": "editors.mend:Mend",
+                             "wise": "editors.wise:Wise"}
 
 
 def available_editors() -> list[str]:

@@ -50,7 +50,8 @@ def data(tmp_path_factory, mirror, smol):
     for src in ("counterfact", "wikidata"):  # the 20 with the least probe text, then by tokens
         short = sorted((c for c in cases if c.source == src), key=lambda c: (_probe_chars(c), c.case_id))[:20]
         cheap[src] = sorted(short, key=lambda c: (_padded_tokens(c, tok), c.case_id))
-    return SimpleNamespace(cases=[cheap["counterfact"][0], *cheap["wikidata"][:2]], content_id=card["content_id"])
+    return SimpleNamespace(cases=[cheap["counterfact"][0], *cheap["wikidata"][:2]], content_id=card["content_id"],
+                           all=cases)
 
 
 @pytest.fixture(scope="module")
@@ -171,4 +172,54 @@ def test_ft_l_edits_real_cases_inside_its_ball(smol, data, scorer):
         assert float((weight.detach() - w0).abs().max()) <= 5e-3 + 1e-6  # + fp32 rounding of (w0 + ε) − w0
         handle.restore()
         assert a_new > b_new + 1.0, f"{case.case_id}: log P(target_new) rose only {a_new - b_new:.2f}"
+    assert param_checksum(model) == ck
+
+
+def test_wise_routes_a_real_edit_through_its_side_memory_and_unrelated_prompts_past_it(smol, data, scorer, mirror):
+    """WISE (the side-memory family) on the real embedded model: the edit prompt's target rises through the side
+    memory, the unrelated facts of other cases are answered by the main memory (their scores unchanged), and
+    restore brings back the original module, weights and hooks."""
+    from editors.wise import SideMemory, Wise
+    from model_layer.checksum import param_checksum
+
+    model, tok = smol
+    case, others = data.cases[0], data.cases[1:4]
+    hp = {"layer": 25, "n_iter": 25, "act_margin": [5.0, 20.0, 10.0],
+          "stats_corpus": str(mirror / "wikitext-2-raw" / "wiki.test.raw")}
+    ck, hooks = param_checksum(model), len(model._forward_pre_hooks)
+    pairs = [(case.prompt + " ", case.target_new)] + [(o.prompt + " ", o.target_true) for o in others]
+    before = scorer.score_pairs(pairs)
+    handle = Wise().edit(model, tok, case, hp)
+    after = scorer.score_pairs(pairs)
+    assert isinstance(model.get_submodule("model.layers.25.mlp.down_proj"), SideMemory)
+    handle.restore()
+    assert after[0][0] > before[0][0] + 2.0, (before[0], after[0])
+    assert [a[0] for a in after[1:]] == pytest.approx([b[0] for b in before[1:]], abs=1e-4)  # routed to the main memory
+    assert param_checksum(model) == ck and len(model._forward_pre_hooks) == hooks
+
+
+def test_mend_trains_on_real_cases_and_its_edit_raises_the_target(smol, data, scorer, tmp_path):
+    """MEND (the trained hyper-network family) on the real embedded model: a short training on cases outside the
+    evaluated ones lowers the post-edit NLL, and the editor's one update raises log P(target_new); restore is exact."""
+    from editors.base import EditContext
+    from editors.mend import Mend, MendHparams
+    from editors.mend_train import train, training_cases
+    from model_layer.checksum import param_checksum
+
+    model, tok = smol
+    hp = {"layers": [27, 28, 29], "train_steps": 30, "lr": 1e-4, "accumulate": 5, "checkpoint_dir": str(tmp_path)}
+    h = MendHparams.from_dict(hp)
+    evaluated = data.cases[:2]
+    pool = training_cases(data.all, {c.case_id for c in data.cases}, seed=0)
+    meta = train(model, tok, pool, h, None, h.checkpoint_path(None))
+    hist = meta["history"]
+    assert hist[-1]["edit_nll"] < hist[0]["edit_nll"], hist
+    ck = param_checksum(model)
+    for case in evaluated:
+        pairs = [(case.prompt + " ", case.target_new)]
+        before = scorer.score_pairs(pairs)
+        handle = Mend().apply(model, tok, [case], hp, EditContext(model))
+        after = scorer.score_pairs(pairs)
+        handle.restore()
+        assert after[0][0] > before[0][0], (case.case_id, before, after)
     assert param_checksum(model) == ck

@@ -158,3 +158,22 @@ def test_mend_hparams_and_missing_checkpoints_fail_in_one_line(tiny_model_dirs, 
     with pytest.raises(HparamsError, match=r"\+steps"):
         editor.apply(model, tok, [CASES[0]], mend_hparams(tmp_path), EditContext(model, steps_matched=True))
     assert target_ids(tok, CASES[0].prompt, CASES[0].target_new)  # the synthetic cases tokenise
+
+
+def test_mend_cells_through_the_harness(tiny_model_dirs, tmp_path):
+    from evaluators.harness import CellSpec, run_cell, run_pre
+
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    hp = mend_hparams(tmp_path, train_steps=8)
+    h = MendHparams.from_dict(hp)
+    editor = get_editor("mend")
+    for sadr in (None, editor.sadr_settings(hp)):
+        train(model, tok, CASES, h, sadr, h.checkpoint_path(sadr))
+    cases = CASES[:2]
+    run_pre(model, tok, "tiny", "test", cases, tmp_path / "pre.jsonl", progress=False)
+    for sadr in (False, True):
+        rows = run_cell(model, tok, CellSpec("test", "tiny", "mend", sadr, hp), "test", cases, tmp_path / "pre.jsonl",
+                        tmp_path / f"mend{sadr}.jsonl", verify_restore=True, progress=False)
+        assert [r["case_id"] for r in rows] == [x.case_id for x in cases]
+        want = h.checkpoint_path(editor.sadr_settings(hp) if sadr else None).name
+        assert all(r["editor"]["diagnostics"]["checkpoint"] == want for r in rows)

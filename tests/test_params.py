@@ -38,7 +38,8 @@ def test_every_profile_is_complete_and_its_hparams_parse():
                 hp = get_editor(editor).hparams_cls.from_dict(values)
                 if editor == "mend":  # no steps at edit time: SADR is in its training loss
                     continue
-                steps = hp.num_steps if isinstance(hp, FTHparams) else hp.v_num_grad_steps
+                steps = (hp.num_steps if isinstance(hp, FTHparams) else hp.n_iter if editor == "wise"
+                         else hp.v_num_grad_steps)
                 assert hp.sadr_steps >= steps, f"{name}/{model}/{editor}: SADR runs fewer steps than the base editor"
         for cell in prof["cells"] + prof.get("extra_cells", []):  # every cell's editor has hparams for every model
             editor = parse_cell(cell).editor

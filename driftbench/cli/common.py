@@ -59,13 +59,15 @@ def _hparams(params, profile, name: str, editor: str) -> dict:
     from data_pipeline.dataset import resolve_mirror
 
     hp = dict((profile.raw.get("hparams") or {}).get(name, {}).get(editor, {}) or {})
+    names = _hparam_names(editor) if editor != "none" else set()
     if editor != "none" and _uses_statistics(editor):
         hp.setdefault("model_id", _model_id(profile, name))
         hp.setdefault("stats_dir", str(Path("stats") / name))
+    if editor != "none" and (not names or "stats_corpus" in names):  # a corpus file (WISE: its unrelated lines)
         corpus = hp.get("stats_corpus", "wikitext-2-raw/wiki.test.raw")
         if not corpus.startswith("hub:"):  # a file of the data mirror
             hp["stats_corpus"] = str(resolve_mirror(params["data"]["mirror"]) / corpus)
-    if editor != "none" and "checkpoint_dir" in _hparam_names(editor):  # trained artefacts (MEND)
+    if "checkpoint_dir" in names:  # trained artefacts (MEND)
         hp.setdefault("model_id", _model_id(profile, name))
         hp.setdefault("checkpoint_dir", str(Path("checkpoints") / name))
     return hp
