@@ -136,6 +136,55 @@ def cmd_validate(args, params):
         raise UserError(f"{bad} of {len(args.bundles)} bundle(s) rejected")
 
 
+def cmd_plan(args, params):
+    """The cost of a profile's grid before running it (evaluators.plan): per model and cell, edits, TFLOP and
+    seconds per edit, device-hours, one-time training hours, memory per worker, and the total wall time."""
+    from evaluators.plan import DEVICES, MODEL_FACTS, case_work, char_tokens, format_plan, plan_cell
+
+    from basis.params import run_dtype
+
+    profile = get_profile(params, args.profile)
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    device = DEVICES[args.device or ("cpu" if profile.raw.get("device", "cpu") == "cpu" else "a100")]
+    count = char_tokens
+    tok_dir = Path("models") / "smollm2-135m"
+    if tok_dir.is_dir() and not args.char_tokens:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
+    ids = (_profile_cases(params) or {}).get(profile.name)
+    if ids is None:
+        raise UserError(f"{params['data']['out']}/cases.jsonl not found: build the dataset first (`dvc repro dataset`)")
+    from data_pipeline.dataset import load_cases
+
+    works = [case_work(c, count) for c in load_cases(Path(params["data"]["out"]) / "cases.jsonl") if c.case_id in ids]
+    costs = []
+    for name, m in profile.models.items():
+        if name not in MODEL_FACTS:
+            raise UserError(f"no published configuration for model {name!r} in evaluators/plan.MODEL_FACTS: add its "
+                            "parameter count, layers, d_model and d_ffn")
+        hps = (profile.raw.get("hparams") or {}).get(name) or {}
+        for cell in _cell_names(profile, args.cells):
+            editor = parse_cell(cell).editor
+            costs.append(plan_cell(name, MODEL_FACTS[name], run_dtype(m), cell, _parsed_hparams(editor, hps.get(editor)),
+                                   works, device))
+    print(format_plan(costs, device, args.gpus))
+
+
+def _parsed_hparams(editor: str, raw: dict | None) -> dict:
+    """The editor's hyper-parameters with its class defaults filled in (steps, templates), as a plain dict."""
+    import dataclasses
+
+    from editors.registry import get_editor
+
+    cls = getattr(get_editor(editor), "hparams_cls", None) if editor != "none" else None
+    if cls is None:
+        return dict(raw or {})
+    return dataclasses.asdict(cls.from_dict(dict(raw or {})))
+
+
 def cmd_editors(args, params):
     from editors.registry import available_editors
 
@@ -211,4 +260,16 @@ def register(sub, add, with_profile) -> None:
     va.set_defaults(func=cmd_validate)
 
     add(sub, "editors", "list available editors (built-in and plugins)").set_defaults(func=cmd_editors)
+
+    pl = with_profile(add(sub, "plan", "estimate what a profile's grid costs before running it: edits, TFLOP and "
+                          "seconds per edit, device-hours, memory per worker and wall time on N devices (a FLOP and "
+                          "bandwidth model; this CPU's efficiencies are measured, a GPU's are assumed and say so)"),
+                      model=False)
+    pl.add_argument("--gpus", type=int, default=8, help="devices working in parallel (default 8, the paper's)")
+    pl.add_argument("--device", choices=("cpu", "a100", "h100", "h200"), default=None,
+                    help="device kind (default: cpu for a CPU profile, else a100 as the paper)")
+    pl.add_argument("--cells", choices=("default", "all"), default="all",
+                    help="the profile's cells, or those and its extra_cells (default: all)")
+    pl.add_argument("--char-tokens", action="store_true", help="count 4 characters per token instead of tokenising")
+    pl.set_defaults(func=cmd_plan)
 
