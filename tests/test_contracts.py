@@ -392,3 +392,19 @@ def test_the_default_run_never_pulls_in_the_optional_editor_cells():
         assert not [d for d in deps for o in extra_outs if o == d or o.startswith(d.rstrip("/") + "/")], name
         listed = [d.rsplit("/", 1)[1][: -len(".jsonl")] for d in deps if d.startswith("results/embedded/smollm2-135m/cells/")]
         assert listed == cells, name  # every default cell, in the profile's order
+
+
+def test_the_paper_pipeline_runs_every_model_and_cell_of_the_paper_profile():
+    """pipelines/paper/dvc.yaml: its matrices list exactly profiles.paper's models and cells, every stage runs the
+    CLI on the paper profile, and no stage of the root pipeline depends on one of its outputs."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    paper = params["profiles"]["paper"]
+    stages = yaml.safe_load((ROOT / "pipelines" / "paper" / "dvc.yaml").read_text())["stages"]
+    for name in ("stats", "pre_eval", "cell"):
+        assert stages[name]["matrix"]["model"] == list(paper["models"]), name
+        assert stages[name]["cmd"].startswith("driftbench ") and "-p paper -m ${item.model}" in stages[name]["cmd"]
+    assert stages["cell"]["matrix"]["cell"] == paper["cells"]
+    outs = ("results/paper", "data/subsets/paper.json", *(f"stats/{m}" for m in paper["models"]))
+    root = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    deps = [str(d) for st in root.values() for d in (st.get("do", st).get("deps") or [])]
+    assert deps and not [d for d in deps if d.startswith(outs)]
