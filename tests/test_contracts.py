@@ -387,7 +387,7 @@ def test_the_default_run_never_pulls_in_the_optional_editor_cells():
     extra_outs = [f"results/embedded/smollm2-135m/cells/{cell}.jsonl" for st in extra.values()
                   for cell in st.get("foreach", ())]
     cells = get_profile(params, "embedded").raw["cells"]
-    for name in ("aggregate", "leaderboard"):
+    for name in ("aggregate", "leaderboard", "analysis"):
         deps = [d for d in root[name]["deps"] if isinstance(d, str)]
         assert not [d for d in deps for o in extra_outs if o == d or o.startswith(d.rstrip("/") + "/")], name
         listed = [d.rsplit("/", 1)[1][: -len(".jsonl")] for d in deps if d.startswith("results/embedded/smollm2-135m/cells/")]

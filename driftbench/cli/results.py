@@ -173,6 +173,51 @@ def cmd_plan(args, params):
     print(format_plan(costs, device, args.gpus))
 
 
+def cmd_analyse(args, params):
+    """The paper's diagnosis from result rows (evaluators.analysis): calibration (Table 1) and whether attention drift
+    predicts the failure (Table 2, factor 1), per cell, as JSON, a markdown table and a scatter plot per model."""
+    import json
+
+    from basis.io import atomic_write_text, read_jsonl
+    from data_pipeline.dataset import load_cases
+    from evaluators.analysis import PAPER_TABLE1, calibration, drift_vs_failure, plot
+
+    profile = get_profile(params, args.profile)
+    cases = {c.case_id: c for c in load_cases(Path(params["data"]["out"]) / "cases.jsonl")}
+    for model in profile.models:
+        results = {}
+        for cell in _cell_names(profile, args.cells):
+            path = profile.cell_path(model, cell)
+            if not path.is_file():
+                if cell in profile.raw.get("cells", []):
+                    raise UserError(f"missing result file {path}: run its `driftbench run-cell` stage first")
+                continue
+            rows = list(read_jsonl(path))
+            results[cell] = {"calibration": calibration(rows), "drift": drift_vs_failure(rows, cases)}
+        out = profile.results_dir(model) / "analysis"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "analysis.json", json.dumps({"paper_table1": PAPER_TABLE1, "cells": results},
+                                                            indent=1, sort_keys=True) + "\n")
+        lines = ["| cell | task | P(o_edit) pre | P(o_edit) post [95% CI] | P(o_true) post | accuracy post | "
+                 "ρ(drift, P(o_edit)) | p | n |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for cell, r in results.items():
+            for task, cal in r["calibration"].items():
+                post, pre = cal.get("post", {}), cal.get("pre", {})
+                d = r["drift"].get(task, {})
+                rho = "" if d.get("rho") is None else f"{d['rho']:.3f}"
+                pv = "" if d.get("p") is None else f"{d['p']:.2g}"
+                ci = post["p_edit"].get("ci95") or 0.0
+                lines.append(f"| {cell} | {task} | {pre['p_edit']['mean']:.3f} | {post['p_edit']['mean']:.3f} "
+                             f"± {ci:.3f} | {post['p_true']['mean']:.3f} | {post['accuracy']:.3f} | {rho} | {pv} | "
+                             f"{d.get('n', '')} |")
+        lines.append(f"\nPaper (GPT-J-6B, ROME, DNS, its dataset): P(o_edit) {PAPER_TABLE1['p_edit_pre']:.3f} before, "
+                     f"{PAPER_TABLE1['p_edit_post']:.3f} after the edit.")
+        atomic_write_text(out / "analysis.md", "\n".join(lines) + "\n")
+        plot(results, out / "drift_failure.png")
+        print("\n".join(lines))
+        print(f"\nwrote {out}/analysis.json, analysis.md, drift_failure.png")
+
+
 def _parsed_hparams(editor: str, raw: dict | None) -> dict:
     """The editor's hyper-parameters with its class defaults filled in (steps, templates), as a plain dict."""
     import dataclasses
@@ -260,6 +305,14 @@ def register(sub, add, with_profile) -> None:
     va.set_defaults(func=cmd_validate)
 
     add(sub, "editors", "list available editors (built-in and plugins)").set_defaults(func=cmd_editors)
+
+    an = with_profile(add(sub, "analyse", "the paper's diagnosis from result rows: calibration of P(o_edit) vs "
+                          "P(o_true) on RS/DNS prompts (Table 1) and Pearson ρ between attention drift and P(o_edit) "
+                          "(Table 2, factor 1), per cell, with scatter plots (results/<profile>/<model>/analysis/)"),
+                      model=False)
+    an.add_argument("--cells", choices=("default", "all"), default="default",
+                    help="default: the profile's cells (all required); all: also its extra_cells that have been run")
+    an.set_defaults(func=cmd_analyse)
 
     pl = with_profile(add(sub, "plan", "estimate what a profile's grid costs before running it: edits, TFLOP and "
                           "seconds per edit, device-hours, memory per worker and wall time on N devices (a FLOP and "
