@@ -17,6 +17,8 @@ the normalised pair to a pseudo-pair, and the edit adds their outer products wit
   gradient passes at 0 (as the original).
 - The update is *added* (as the original and EasyEdit; the paper writes W − α∇̃): training learns the sign.
 - Rows where u or δ is exactly zero are dropped (as the original).
+- The hyper-network runs in fp32; ΔW is added in the model's dtype (in bf16, entries near 1e-3 on weights near 0.02
+  lose about a tenth to rounding; the originals ran fp32 models).
 
 Training (`editors/mend_train.py`, `driftbench train-mend`) makes the checkpoint this editor loads: a content-named
 safetensors artefact per (model, recipe, SADR or not). At edit time there is one forward/backward on the edit prompt
@@ -59,6 +61,8 @@ class MendHparams(Hparams):
     grad_clip: float = 100.0
     train_seed: int = 0
     heldout: int = 64  # the first cases of the sweeps' held-out order, never trained on
+    heldout_seed: int = 7  # that order's seed (the sweep's default)
+    train_cases: str = ""  # sha256[:16] of the training cases' ids, in order (set by the CLI from the dataset)
     checkpoint_every: int = 10  # optimiser steps between resumable snapshots
     sadr_gamma: float = 1e-2
     sadr_hinge: bool = True
@@ -304,10 +308,12 @@ class Mend(Editor):
 
     def net(self, model, hp: MendHparams, sadr: dict[str, Any] | None) -> MendNet:
         path = hp.checkpoint_path(sadr)
-        if str(path) not in self._nets:
+        dev = next(model.parameters()).device
+        key = f"{path}@{dev}"
+        if key not in self._nets:
             Artefact("checkpoint", str(path), f"driftbench train-mend{' --sadr' if sadr else ''}").sha256()
-            self._nets[str(path)] = load_checkpoint(path, edited_weights(model, hp), hp)
-        return self._nets[str(path)]
+            self._nets[key] = load_checkpoint(path, edited_weights(model, hp), hp).to(dev)
+        return self._nets[key]
 
     def apply(self, model, tok, cases, hparams: dict[str, Any], ctx) -> EditHandle:
         hp = MendHparams.from_dict(hparams)

@@ -46,6 +46,12 @@ def training_cases(cases: list[Case], exclude: set[str], seed: int) -> list[Case
     return [pool[i] for i in order]
 
 
+def training_id(cases: list[Case]) -> str:
+    """sha256[:16] of the training cases' ids in order: part of the checkpoint's recipe, so another training set
+    (another subset, held-out size or seed) is another file, never a stale one."""
+    return sha256_text("\n".join(c.case_id for c in cases))[:16]
+
+
 def locality_row(tok, case: Case, device):
     """``case``'s prompt + its true answer as an unrelated fact: (ids, mask, label positions)."""
     _, ids, mask, label_pos, _ = edit_row(tok, dataclasses.replace(case, target_new=case.target_true), device)
@@ -118,14 +124,18 @@ def train(model, tok, cases: list[Case], hp: MendHparams, sadr: dict[str, Any] |
 
 def _train(model, tok, cases, hp, sadr, out, progress):
     shapes = edited_weights(model, hp)
-    net = MendNet(shapes, hp).train()
+    dev = next(model.parameters()).device
+    net = MendNet(shapes, hp).to(dev).train()
     opt = torch.optim.Adam(net.parameters(), lr=hp.lr)
     resume = out.with_name(out.name + ".resume.pt")
-    ids_sha = sha256_text("\n".join(c.case_id for c in cases))
+    ids_sha = training_id(cases)
+    if hp.train_cases and hp.train_cases != ids_sha:
+        raise UserError(f"MEND hparams train_cases {hp.train_cases} name another training set than the {len(cases)} "
+                        f"cases given ({ids_sha})")
     key = {"recipe": hp.recipe(sadr), "cases": ids_sha}
     state = {"step": 0, "history": [], "skipped": 0}
     if resume.is_file():
-        snap = torch.load(resume, weights_only=False)
+        snap = torch.load(resume, weights_only=False, map_location=dev)
         if snap["key"] != key:
             raise UserError(f"{resume}: a snapshot of another training run (recipe or cases differ): delete it")
         net.load_state_dict(snap["net"])

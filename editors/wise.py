@@ -16,7 +16,8 @@ always goes through W' while editing):
 s_in per edit row, s_out of an unrelated row (a WikiText line chosen by the case id); m⁺(v) is the mean of v's
 positive entries (0 if none). The gradient is multiplied by the shard's random mask (a fraction ``mask_ratio`` of the
 entries, one mask per shard, seeded); after each step W' is clamped to W ± ``norm_constraint`` elementwise; the loop
-stops early once the loss is ≤ 0.02 and moved ≤ 1e-4 (as the original). After the edit, its routing score — the
+stops early once the loss is ≤ 0.02 and moved ≤ 1e-4 since the previous step (EasyEdit compares the two steps
+before: it may stop one step earlier). After the edit, its routing score — the
 routing statistic below at the bare prompt's last token — joins the shard's record.
 
 Routing at inference, per memory c (the current shard, every stored shard and merged memory): the score at position t
@@ -116,11 +117,11 @@ def ties_merge(base: torch.Tensor, weights: list[torch.Tensor], coeffs: list[flo
         tau = (w - base).float()
         k = int(density * tau.numel())
         if k < tau.numel():
-            keep = torch.zeros(tau.numel(), dtype=torch.bool)
+            keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
             keep[tau.abs().flatten().topk(k).indices] = True
             tau = tau * keep.view_as(tau)
         taus.append(tau)
-    c = torch.tensor(coeffs, dtype=torch.float32).view(-1, *[1] * base.dim())
+    c = torch.tensor(coeffs, dtype=torch.float32, device=base.device).view(-1, *[1] * base.dim())
     stacked = torch.stack(taus) * c
     sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
     agree = (torch.sign(stacked) == sign) & (stacked != 0)
@@ -201,7 +202,9 @@ class SideMemory(nn.Module):
 
     # -- state of a stream (for a later edit's exact undo) ------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"side": self.side.detach().clone(), "shard_scores": list(self.shard_scores),
+        """A snapshot for a later edit's undo, kept on the CPU (a long stream would otherwise hold one weight copy
+        per edit on the device)."""
+        return {"side": self.side.detach().to("cpu", copy=True), "shard_scores": list(self.shard_scores),
                 "stored": list(self.stored), "memories": list(self.memories), "count": self.count,
                 "mask": self.mask}
 
@@ -286,12 +289,26 @@ class Wise(Editor):
         if key not in self._templates:
             self._templates[key] = generate_context_templates(model, tok, hp.template_lengths, hp.template_seed)
         batch = build_batch(tok, make_request(case), self._templates[key], dev)
-        n = batch.n_rewrite
-        ids, mask = batch.input_ids[:n], batch.attention_mask[:n]
         loc_ids, loc_mask = right_pad([self.unrelated_line(tok, hp, case.case_id)], tok.pad_token_id)
         loc_ids, loc_mask = loc_ids.to(dev), loc_mask.to(dev)
+        if ctx.sadr is not None and not ctx.pristine:
+            raise HparamsError("WISE+SADR in a stream is not supported yet: SADR's reference mid-stream needs the "
+                               "unedited forward, which a side memory's hook does not revert; run wise+sadr on "
+                               "single edits, or wise.seq<T> without SADR")
         handle = EditHandle()
+        flags = [(p, p.requires_grad) for p in model.parameters()]  # before the side memory's own parameter exists
         mem = self.memory(model, handle, hp)
+        try:
+            return self._edit(model, tok, case, batch, loc_ids, loc_mask, hp, ctx, handle, mem, flags, t0)
+        except BaseException:
+            handle.restore()  # a failed edit leaves no side memory or hook behind
+            raise
+
+    def _edit(self, model, tok, case, batch, loc_ids, loc_mask, hp: WiseHparams, ctx, handle: EditHandle,
+              mem: SideMemory, flags, t0: float) -> EditHandle:
+        dev = next(model.parameters()).device
+        n = batch.n_rewrite
+        ids, mask = batch.input_ids[:n], batch.attention_mask[:n]
         if mem.count % hp.save_freq == 0 or mem.mask is None:  # a new shard: a new random mask
             gen = torch.Generator().manual_seed(hp.mask_seed * 1_000_003 + mem.count // hp.save_freq)
             mem.mask = (torch.rand(mem.side.shape, generator=gen) < hp.mask_ratio).to(dev, mem.side.dtype)
@@ -300,7 +317,6 @@ class Wise(Editor):
         extras = ctx.extra_losses(first_layer=hp.layer + 1)
         steps = hp.sadr_steps if ctx.sadr_step_count else hp.n_iter
         opt = torch.optim.SGD([mem.side], lr=hp.edit_lr, weight_decay=hp.weight_decay)
-        flags = [(p, p.requires_grad) for p in model.parameters()]
         losses, prev, s_in = [], None, None
         mem.editing = True
         try:
@@ -346,11 +362,12 @@ class Wise(Editor):
             mem.side.requires_grad_(False)
             for p, flag in flags:
                 p.requires_grad_(flag)
+        threshold = hp.act_ratio * min(mem.shard_scores + [score])
         self._remember(mem, score, hp)
         notes = {k: v for e in extras for k, v in getattr(e, "notes", dict)().items()}
         handle.diagnostics = {"layer": hp.layer, "steps": len(losses), "final_loss": losses[-1],
                               "s_in": float(s_in.detach().mean()), "score": score,
-                              "threshold": hp.act_ratio * min(mem.shard_scores or [0.0]),
+                              "threshold": threshold,
                               "edits": mem.count, "shards_stored": len(mem.stored), "memories": len(mem.memories),
                               **notes}
         handle.timings = {"optimise_s": time.perf_counter() - t0}

@@ -177,3 +177,13 @@ def test_mend_cells_through_the_harness(tiny_model_dirs, tmp_path):
         assert [r["case_id"] for r in rows] == [x.case_id for x in cases]
         want = h.checkpoint_path(editor.sadr_settings(hp) if sadr else None).name
         assert all(r["editor"]["diagnostics"]["checkpoint"] == want for r in rows)
+
+
+def test_the_checkpoint_name_covers_the_training_set(tmp_path):
+    from editors.mend_train import training_id
+
+    base = mend_hparams(tmp_path)
+    a = MendHparams.from_dict(dict(base, train_cases=training_id(CASES[:5])))
+    b = MendHparams.from_dict(dict(base, train_cases=training_id(CASES[1:6])))
+    assert a.checkpoint_path(None) != b.checkpoint_path(None)
+    assert a.checkpoint_path(None).parent.name == "mend" and a.checkpoint_path({"gamma": 1.0}).parent.name == "mend+sadr"

@@ -196,3 +196,28 @@ def test_wise_cells_through_the_harness(cell, tiny_model_dirs, mirror, tmp_path)
     assert all(r["post"] != r["pre"] for r in rows)
     if c.mode.kind == "seq":
         assert [r["editor"]["diagnostics"]["edits"] for r in rows] == [1, 2, 3]
+
+
+def test_a_refused_or_failed_edit_leaves_nothing_behind(tiny_model_dirs, mirror, monkeypatch):
+    """WISE+SADR in a stream is refused at its second edit with one line; the side memory's parameter never keeps a
+    gradient flag; an edit that fails midway removes its side memory and hook."""
+    from editors.base import HparamsError
+
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    before = model_state(model)
+    name = arch_for(model).layer("mlp_out", 2)
+    ed = get_editor("wise")
+    ctx = EditContext(model, {"gamma": 1.0, "hinge": True})
+    ctx.push(ed.apply(model, tok, [CASES[0]], wise_hparams(mirror, n_iter=2, sadr_steps=2), ctx))
+    assert not model.get_submodule(name).side.requires_grad
+    with pytest.raises(HparamsError, match="in a stream is not supported"):
+        ed.apply(model, tok, [CASES[1]], wise_hparams(mirror, n_iter=2, sadr_steps=2), ctx)
+    ctx.restore_all()
+    assert model_state(model) == before
+    def broken(self, out, main_out):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(SideMemory, "_dist", broken)  # fails inside the edit, after the swap and the hook
+    with pytest.raises(RuntimeError, match="boom"):
+        ed.apply(model, tok, [CASES[0]], wise_hparams(mirror, n_iter=2), EditContext(model))
+    assert model_state(model) == before

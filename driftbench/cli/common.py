@@ -70,7 +70,26 @@ def _hparams(params, profile, name: str, editor: str) -> dict:
     if "checkpoint_dir" in names:  # trained artefacts (MEND)
         hp.setdefault("model_id", _model_id(profile, name))
         hp.setdefault("checkpoint_dir", str(Path("checkpoints") / name))
+    if "train_cases" in names and "train_cases" not in hp:  # MEND: its training set is part of the checkpoint's name
+        from editors.mend_train import training_id
+
+        hp["train_cases"] = training_id(_mend_training_cases(params, profile, hp))
     return hp
+
+
+def _mend_training_cases(params, profile, hp: dict) -> list:
+    """MEND's training cases for ``profile``: the dataset minus the evaluated subset and the first ``heldout`` cases
+    of the sweeps' held-out order, in the order seeded by ``train_seed`` (editors.mend_train.training_cases)."""
+    from data_pipeline.dataset import load_cases
+    from data_pipeline.subset import held_out
+    from editors.mend import MendHparams
+    from editors.mend_train import training_cases
+
+    h = MendHparams.from_dict({k: v for k, v in hp.items() if k != "train_cases"})
+    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
+    reported = [c.case_id for c in _subset_cases(params, profile)]
+    exclude = set(reported) | set(held_out(cases, h.heldout, h.heldout_seed, exclude=reported) if h.heldout else [])
+    return training_cases(cases, exclude, h.train_seed)
 
 
 def _hparam_names(editor: str) -> set[str]:

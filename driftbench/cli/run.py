@@ -107,34 +107,31 @@ def cmd_train_mend(args, params):
     mend / mend+sadr cells load (content-named by the recipe; resumable)."""
     from tqdm import tqdm
 
-    from data_pipeline.dataset import load_cases
-    from data_pipeline.subset import held_out
     from editors.mend import MendHparams
-    from editors.mend_train import train, training_cases
+    from editors.mend_train import train
     from editors.registry import get_editor
+
+    from driftbench.cli.common import _mend_training_cases
 
     profile = get_profile(params, args.profile)
     name, _ = profile.model(args.model)
-    hparams = _hparams(params, profile, name, "mend")
     if not (profile.raw.get("hparams") or {}).get(name, {}).get("mend"):
         raise UserError(f"params.yaml profiles.{args.profile}.hparams.{name} has no 'mend' entry: add MEND's "
                         "hyper-parameters for this model first")
+    hparams = _hparams(params, profile, name, "mend")  # its train_cases names the training set below
     editor = get_editor("mend")
     editor.check_hparams(None, hparams)
     hp = MendHparams.from_dict(hparams)
     sadr = editor.sadr_settings(hparams) if args.sadr else None
-    cases = load_cases(Path(params["data"]["out"]) / "cases.jsonl")
-    reported = [c.case_id for c in _subset_cases(params, profile)]
-    exclude = set(reported) | set(held_out(cases, hp.heldout, args.heldout_seed, exclude=reported) if hp.heldout else [])
-    train_set = training_cases(cases, exclude, hp.train_seed)
+    train_set = _mend_training_cases(params, profile, hparams)
     out = hp.checkpoint_path(sadr)
     if out.is_file() and not args.force:
         print(f"{out} exists (the recipe's checkpoint); --force retrains it")
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     _, model, tok = _load(profile, name)
-    print(f"MEND{'+SADR' if sadr else ''} on {name}: {len(train_set)} training cases ({len(exclude)} evaluated or "
-          f"held out excluded), {hp.train_steps} edits, {hp.train_steps // hp.accumulate} optimiser steps -> {out}")
+    print(f"MEND{'+SADR' if sadr else ''} on {name}: {len(train_set)} training cases (none evaluated or held out), "
+          f"{hp.train_steps} edits, {hp.train_steps // hp.accumulate} optimiser steps -> {out}")
     bar = tqdm(total=hp.train_steps, desc=f"train mend{'+sadr' if sadr else ''}", disable=args.no_progress)
 
     def progress(step, row):
@@ -255,9 +252,6 @@ def register(sub, add, with_profile) -> None:
                           "training cases exclude the evaluated subset and the sweeps' held-out cases; resumable)"),
                       progress=True)
     tm.add_argument("--sadr", action="store_true", help="add SADR's term to the training loss (MEND+SADR's checkpoint)")
-    tm.add_argument("--heldout-seed", type=int, default=7,
-                    help="seed of the sweeps' held-out order whose first `heldout` cases are never trained on "
-                         "(default 7, the sweep's)")
     tm.add_argument("--force", action="store_true", help="retrain even when the recipe's checkpoint exists")
     tm.set_defaults(func=cmd_train_mend)
 
