@@ -136,6 +136,7 @@ class SiteData:
     build: dict
     summary: dict                  # aggregate-compatible summary of the pipeline cells
     rejected: list[str] = field(default_factory=list)
+    diagnosis: list = field(default_factory=list)  # leaderboard.diagnosis.DiagnosisPage, one per model analysed
 
 
 def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path | None = None,
@@ -143,9 +144,11 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
             params: Mapping | None = None, card: Mapping | None = None, git: Mapping | None = None,
             protocols: Iterable[str] = ("paper", "lm-eval"), on_invalid: str = "error",
             dataset_cases: Mapping[str, str] | None = None, root: str | Path = ".",
-            profile_cases: Mapping[str, set] | None = None, log=None) -> SiteData:
+            profile_cases: Mapping[str, set] | None = None, log=None,
+            diagnosis: Iterable[tuple[str, str, str | Path]] = ()) -> SiteData:
     """Read every input and compute every entry (no rendering). ``on_invalid``: "error" raises on an invalid
-    submission bundle; "skip" leaves it out and records why in ``SiteData.rejected``."""
+    submission bundle; "skip" leaves it out and records why in ``SiteData.rejected``. ``diagnosis``: (profile,
+    model, result folder) of each model whose analysis pages the site shows (those with analysis outputs)."""
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     log = log or (lambda msg: None)
@@ -289,7 +292,11 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
     build = {"git": git, "driftbench_version": __version__, "dataset": {"version": version, "content_id": content_id},
              "paper_csv": Path(paper_csv).name if paper_csv else None, "n_rows": sum(
                  len(e.page["per_case"]["case_id"]) for e in entries if e.page)}
-    return SiteData(entries=entries, protocols=protocols, build=build, summary=summary, rejected=rejected)
+    from leaderboard.diagnosis import read_page
+
+    pages = [p for p in (read_page(prof, model, Path(d)) for prof, model, d in diagnosis) if p is not None]
+    return SiteData(entries=entries, protocols=protocols, build=build, summary=summary, rejected=rejected,
+                    diagnosis=pages)
 
 
 def _rel(path: str | Path, root: str | Path) -> str:
@@ -558,7 +565,11 @@ def render(data: SiteData, out_dir: str | Path) -> None:
     groups = _groups(data)
     (out / "index.html").write_text(env.get_template("index.html").render(
         root="", groups=groups, filters=_filters(data), metrics=INDEX_METRICS + ("Avg.S",),
-        raw_metrics=RAW_METRICS, rejected=data.rejected, seeds=_seed_rows(data.summary), **common), encoding="utf-8")
+        raw_metrics=RAW_METRICS, rejected=data.rejected, seeds=_seed_rows(data.summary), diagnosis=data.diagnosis,
+        **common), encoding="utf-8")
+    from leaderboard.diagnosis import render_pages
+
+    render_pages(data.diagnosis, env, out, common)
     cell_tpl = env.get_template("cell.html")
     for e in data.entries:
         if e.page is None:

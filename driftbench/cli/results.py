@@ -67,6 +67,8 @@ def cmd_leaderboard(args, params):
                           paper_csv=paper, dvc_lock=Path(args.dvc_lock), params=params, card=card,
                           git=git_commit("."), on_invalid="skip" if args.skip_invalid else "error",
                           profile_cases=_profile_cases(params),
+                          diagnosis=[] if args.no_profile else [(profile.name, m, profile.results_dir(m))
+                                                                for m in profile.models],
                           dataset_cases=cases, log=(lambda m: None) if args.quiet else print)
     except BundleError as exc:
         raise UserError(str(exc), hint="fix or remove the bundle, or pass --skip-invalid to build without it")
@@ -218,6 +220,61 @@ def cmd_analyse(args, params):
         print(f"\nwrote {out}/analysis.json, analysis.md, drift_failure.png")
 
 
+def cmd_diagnose(args, params):
+    """The diagnosis that needs the edited model (evaluators.diagnosis): drift factors and KL against P(o_edit)
+    (Table 2), edit size (Table 4), contaminating substitution (Fig. 3) and attention patching (Fig. 5), per cell."""
+    import json
+
+    from basis.io import atomic_write_text
+    from driftbench.cli.common import _load
+    from driftbench.cli.run import cell_spec
+    from evaluators.diagnosis import GROUPS, KINDS, plot, run_diagnosis
+
+    settings = dict(params.get("diagnosis") or {})
+    for key in ("cases", "prompts", "window"):
+        if not isinstance(settings.get(key), int) or settings[key] < 1:
+            raise UserError(f"params.yaml diagnosis.{key}: expected a positive integer, got {settings.get(key)!r}")
+    if args.cases:
+        settings["cases"] = args.cases
+    profile = get_profile(params, args.profile)
+    name, _ = profile.model(args.model)
+    cells = args.cell or list(settings.get("cells") or [])
+    if not cells:
+        raise UserError("no cell to diagnose: pass -c CELL or set params.yaml diagnosis.cells")
+    specs = [cell_spec(params, profile, name, c) for c in cells]  # every cell checked before the model loads
+    for c, spec in zip(cells, specs):
+        if spec.mode.kind != "single":
+            raise UserError(f"cell {c!r}: the diagnosis edits one case at a time; choose a single-edit cell")
+    cases = _subset_cases(params, profile)
+    _, model, tok = _load(profile, name)
+    # a run on fewer cases (--cases) is a smoke run: it writes beside the results, never over them
+    out = profile.results_dir(name) / ("smoke/diagnosis" if args.cases else "diagnosis")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"Model {name} (profile {profile.name}); {settings['cases']} cases, {settings['prompts']} prompts per "
+             f"task, window {settings['window']} layers.", "",
+             "| cell | task | n | ρ KL (p) | ρ factor 1 (p) | ρ factor 2 (p) | ρ factor 3 (p) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+
+    def rho(r):
+        return "n/a" if r["rho"] is None else f"{r['rho']:.2f} ({r['p']:.2g})"
+
+    for c, spec in zip(cells, specs):
+        res = run_diagnosis(model, tok, spec, cases, settings, progress=not args.no_progress)
+        res.update(model=name, groups=list(GROUPS), kinds=list(KINDS))
+        atomic_write_text(out / f"{c}.json", json.dumps(res, indent=1, sort_keys=True) + "\n")
+        plot(c, res["summary"], settings["window"], out / f"{c}.png")
+        for task, t in res["summary"]["tasks"].items():
+            lines.append(f"| {c} | {task} | {t['n']} | " + " | ".join(rho(t["rho"][f]) for f in ("kl", "f1", "f2", "f3"))
+                         + " |")
+        size = res["summary"].get("edit_size")
+        if size:
+            lines.append(f"| {c} | edit size (Table 4): ‖ΔW‖ vs mean DNS P(o_edit), per case | {size['n']} | "
+                         f"ρ ‖ΔW‖ {rho(size['rho_norm'])} | ρ ‖ΔW‖/‖W‖ {rho(size['rho_relative'])} | | |")
+    atomic_write_text(out / "diagnosis.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {out}/")
+
+
 def _parsed_hparams(editor: str, raw: dict | None) -> dict:
     """The editor's hyper-parameters with its class defaults filled in (steps, templates), as a plain dict."""
     import dataclasses
@@ -313,6 +370,17 @@ def register(sub, add, with_profile) -> None:
     an.add_argument("--cells", choices=("default", "all"), default="default",
                     help="default: the profile's cells (all required); all: also its extra_cells that have been run")
     an.set_defaults(func=cmd_analyse)
+
+    dg = with_profile(add(sub, "diagnose", "the diagnosis that needs the edited model, per single-edit cell: the "
+                          "attention-drift factors and KL against P(o_edit) (Table 2), edit size (Table 4), "
+                          "contaminating substitution heatmaps (§3.2, Fig. 3) and attention patching curves (§3.4, "
+                          "Fig. 5) on the first params.yaml diagnosis.cases cases (results/<profile>/<model>/diagnosis/)"),
+                      progress=True)
+    dg.add_argument("-c", "--cell", action="append", default=[],
+                    help="cell to diagnose (repeatable; default: params.yaml diagnosis.cells)")
+    dg.add_argument("--cases", type=int, default=0, help="only the first N cases, written under results/<profile>/<model>/smoke/diagnosis "
+                    "(default: diagnosis.cases, written to the results)")
+    dg.set_defaults(func=cmd_diagnose)
 
     pl = with_profile(add(sub, "plan", "estimate what a profile's grid costs before running it: edits, TFLOP and "
                           "seconds per edit, device-hours, memory per worker and wall time on N devices (a FLOP and "
