@@ -29,21 +29,16 @@ run on the edited model, and the edit is restored (checked bit-exactly against t
 Substitution and patching measure the probability of each object's first token at the prompt's last position (one
 forward per variant, as causal tracing does); the factors use the paper protocol above.
 
-Hooks: substitution uses `model_layer.hooks.inject` (adding ``edited − current`` replaces the output). Patching
-needs an attention function that swaps the probabilities; it is registered here, beside its only user, through
-transformers' AttentionInterface like `model_layer.attention` does, and moves to `model_layer/attention.py` at the
-next change of the cells' code (that folder is part of every cell's fingerprint; moving it now would rerun every
-cell for no change of any number).
+Hooks (all in `model_layer`): substitution uses `model_layer.hooks.inject` (adding ``edited − current`` replaces
+the output); patching uses `model_layer.attention.patched_attention`.
 """
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from contextlib import ExitStack, contextmanager
-from contextvars import ContextVar
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -148,61 +143,6 @@ def factors(pre: torch.Tensor, post: torch.Tensor, s: int) -> dict[str, float]:
             "f3": float(d[:, :, s].sum())}
 
 
-# ---- patching attention probabilities (§3.4) ----
-PATCH_IMPL = "driftbench_patch_eager"
-_PATCH: ContextVar["dict | None"] = ContextVar("driftbench_attention_patch", default=None)
-
-
-def _patch_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The modeling file's eager attention; for the batch rows patched at this layer, probabilities replaced."""
-    fn = sys.modules[type(module).__module__].eager_attention_forward
-    out, w = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    patch = _PATCH.get()
-    layer = getattr(module, "layer_idx", None)
-    if patch is None or layer not in patch["rows"]:
-        return out, w
-    rows, src = patch["rows"][layer], patch["weights"][layer]  # [R], [H, T, T]
-    v = value[rows]
-    n_rep = query.shape[1] // v.shape[1]
-    if n_rep > 1:  # grouped-query attention: query head h reads key/value head h // n_rep
-        v = v.repeat_interleave(n_rep, dim=1)
-    t = v.shape[2]
-    patched = torch.matmul(src[None, :, :t, :t].to(v.dtype), v).transpose(1, 2)  # [R, T, H, D]
-    out = out.clone()
-    out[rows] = patched.reshape(out[rows].shape).to(out.dtype)
-    if w is not None:
-        w = w.clone()
-        w[rows] = src[None, :, :t, :t].to(w.dtype)
-    return out, w
-
-
-def _register_patch() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    if PATCH_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionInterface.register(PATCH_IMPL, _patch_forward)
-        AttentionMaskInterface.register(PATCH_IMPL, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["eager"])
-    return PATCH_IMPL
-
-
-@contextmanager
-def patched_attention(model, weights: dict[int, torch.Tensor], rows: dict[int, Sequence[int]]) -> Iterator[None]:
-    """Forwards inside the block use ``weights[l]`` ([H, T, T]) as the attention probabilities of layer l for the
-    batch rows ``rows[l]``; every other row and layer runs eager attention unchanged."""
-    from model_layer.attention import attention_implementation
-
-    dev = _device(model)
-    state = {"rows": {l: torch.as_tensor(list(r), dtype=torch.long, device=dev) for l, r in rows.items() if len(r)},
-             "weights": {l: w.to(dev) for l, w in weights.items()}}
-    token = _PATCH.set(state)
-    try:
-        with attention_implementation(model, _register_patch()):
-            yield
-    finally:
-        _PATCH.reset(token)
-
-
 def _probs(logits_last: torch.Tensor, p: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
     lp = torch.log_softmax(logits_last.float(), -1)
     return lp[..., p.t_true].exp(), lp[..., p.t_edit].exp()
@@ -212,6 +152,8 @@ def _probs(logits_last: torch.Tensor, p: Prompt) -> tuple[torch.Tensor, torch.Te
 def patch_curve(model, p: Prompt, unedited_maps: list[torch.Tensor], window: int) -> dict[str, list[float]]:
     """On the (edited) model: P(o_true), P(o_edit) with no patch (x = 0) and with the unedited attention
     probabilities in layers [l, l + window) (x = l + 1), one batch of L + 1 rows."""
+    from model_layer.attention import patched_attention
+
     n_layers = len(unedited_maps)
     rows = {l: [x for x in range(1, n_layers + 1) if x - 1 <= l < x - 1 + window] for l in range(n_layers)}
     x = torch.tensor([p.ids] * (n_layers + 1), device=_device(model))

@@ -70,17 +70,20 @@ def installed_packages() -> str:
 
 def environment(model) -> dict[str, Any]:
     """Deterministic description of where the numbers came from (no host names, no timestamps): the headline
-    versions, device and dtype, and the full installed set (``packages``) with its sha256 (``installed``), so a
-    changed lock changes every result fingerprint."""
+    versions, device and dtype, the full installed set (``packages``) with its sha256 (``installed``), so a
+    changed lock changes every result fingerprint, and on CPU the torch thread count."""
     import lm_eval
     import torch
     import transformers
 
     p = next(model.parameters())
     packages = installed_packages()
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
-            "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", ""),
-            "installed": sha256_text(packages)[:16], "packages": packages}
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
+           "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", ""),
+           "installed": sha256_text(packages)[:16], "packages": packages}
+    if p.device.type == "cpu":  # CPU kernels split reductions by thread: another count moves the 6th-7th digit
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,12 +279,19 @@ def prepare_cell(model, tok, spec: CellSpec, editor=None):
         raise UserError(f"editor {spec.editor!r} (first contract) builds its own SADR loss, whose reference would "
                         "be the edited model in the middle of a stream: run it with '+sadr' one case at a time, "
                         "or port it to editors.base.Editor")
+    if spec.sadr and spec.mode.kind != SINGLE and not editor.sadr_in_streams:
+        raise UserError(f"editor {spec.editor!r} cannot run SADR in a stream (its edits cannot be reverted mid-stream "
+                        f"for SADR's reference): run '{spec.editor}+sadr' on single edits, or "
+                        f"'{spec.editor}.{spec.mode.suffix}' without SADR")
     if spec.mode.kind == "batch" and "batch" not in caps:
         raise UserError(f"editor {spec.editor!r} cannot edit a batch of cases at once (no 'batch' capability): use "
                         f"'.seq{spec.mode.size}' instead of '.{spec.mode.suffix}'")
-    editor.check_hparams(model, spec.hparams)
+    editor.check_hparams(model, dict(spec.hparams, sadr=spec.sadr))  # the flag rides along as for artefacts below
     # by file name (content-named), not path: where a worker keeps its stats folder does not enter the fingerprint
-    artefacts = ({Path(a.path).name: a.sha256() for a in editor.artefacts(model, tok, spec.hparams)}
+    # the cell's SADR flag rides along as ``sadr`` (every Hparams.from_dict accepts it): an editor with one artefact
+    # per flag (MEND's two checkpoints) names only the one this cell loads
+    artefacts = ({Path(a.path).name: a.sha256() for a in editor.artefacts(model, tok, dict(spec.hparams,
+                                                                                           sadr=spec.sadr))}
                  if model is not None else {})
     return editor, artefacts
 

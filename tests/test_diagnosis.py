@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from evaluators.diagnosis import (GROUPS, KINDS, Prompt, factors, forward_maps, module_outputs, patch_curve,
-                                  patched_attention, substitution, token_groups)
+                                  substitution, token_groups)
+from model_layer.attention import patched_attention
 from model_layer.arch import arch_for
 from model_layer.loading import load_model
 
