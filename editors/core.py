@@ -412,13 +412,15 @@ class LocateEditor(Editor):
         return key, texts
 
     def covariance(self, model, tok, module: str, hp: LocateHparams, progress: bool = False):
-        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed, checked and saved there if missing."""
+        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed, checked and saved there if missing; kept
+        on the model's device, so a GPU receives each layer's C once, not once per edit."""
         from editors.stats import load_or_compute
 
         key, texts = self.stats_key(model, module, hp)
-        if key not in self._cov:
-            self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress)
-        return self._cov[key]
+        dev = next(model.parameters()).device
+        if (key, dev) not in self._cov:
+            self._cov[(key, dev)] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress).to(dev)
+        return self._cov[(key, dev)]
 
 
 @dataclass
