@@ -82,7 +82,7 @@ def environment(model) -> dict[str, Any]:
            "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", ""),
            "installed": sha256_text(packages)[:16], "packages": packages}
     if p.device.type == "cpu":  # CPU kernels split reductions by thread: another count moves the 6th-7th digit
-        env["cpu_threads"] = torch.get_num_threads()
+        env["cpu_threads"] = str(torch.get_num_threads())  # a string, as every env field (submission schema)
     return env
 
 
