@@ -35,8 +35,8 @@ test: $(STAMP)
 # Regenerate the locks from pyproject.toml and requirements-*.in with the newest releases (review the diff, commit).
 lock: $(STAMP)
 	$(UV) pip compile -q --generate-hashes $(LOCK_PY) requirements-tools.in -o requirements-tools.lock
-	$(UV) pip compile -q --generate-hashes $(LOCK_PY) $(TORCH_SOURCE) pyproject.toml requirements-cpu.in --extra test -o requirements-cpu.lock
-	$(UV) pip compile -q --generate-hashes $(LOCK_PY) pyproject.toml requirements-cuda.in --extra test -o requirements-cuda.lock
+	$(UV) pip compile -q --generate-hashes $(LOCK_PY) $(TORCH_SOURCE) pyproject.toml requirements-cpu.in --extra test --extra ray -o requirements-cpu.lock
+	$(UV) pip compile -q --generate-hashes $(LOCK_PY) pyproject.toml requirements-cuda.in --extra test --extra ray -o requirements-cuda.lock
 	$(UV) pip compile -q --generate-hashes $(LOCK_PY) --no-deps requirements-model.in -o requirements-model.lock
 
 # The suite against today's newest releases (CPU torch kept), in its own venv; prints how the set differs from the lock.

@@ -60,10 +60,11 @@ class AlphaEdit(Memit):
 
         module = arch_for(model).layer("mlp_out", layer)
         key, _ = self.stats_key(model, module, hp)
-        cache_key = ("nullspace", key, hp.nullspace_threshold)
-        if cache_key not in self._cov:
-            self._cov[cache_key] = load_or_compute_nullspace(hp.stats_dir, key, hp.nullspace_threshold,
-                                                             lambda: self.covariance(model, tok, module, hp))
+        dev = next(model.parameters()).device
+        cache_key = ("nullspace", key, hp.nullspace_threshold, dev)
+        if cache_key not in self._cov:  # the artefact is computed on the host (the same bytes on every machine type)
+            self._cov[cache_key] = load_or_compute_nullspace(
+                hp.stats_dir, key, hp.nullspace_threshold, lambda: self.covariance(model, tok, module, hp).cpu()).to(dev)
         return self._cov[cache_key]
 
     def load_statistics(self, model, tok, hp: AlphaEditHparams) -> None:

@@ -9,7 +9,8 @@ An editor is a class with
   back, swapping the original modules back in, or resetting the editor's side state (``state_digest`` then names
   that state, so the harness can check the reset bit-exactly);
 - ``artefacts(model, tok, hparams)``: the files it needs (second moments, null-space projections, trained
-  hyper-networks), each content-named, produced by a DVC stage, and hashed into the cell's fingerprint;
+  hyper-networks), each content-named, produced by a DVC stage, and hashed into the cell's fingerprint (the
+  harness passes the cell's SADR flag as ``hparams["sadr"]``);
 - ``apply(model, tok, cases, hparams, ctx) -> EditHandle``: edit one case (or, with "batch", several at once).
   SADR is not built by editors: ``ctx.extra_losses(first_layer)`` returns the framework's loss terms (SADR's,
   when the cell asks for it, with its reference attention taken from the unedited model), which any optimisation
@@ -195,10 +196,27 @@ class Editor:
     name: ClassVar[str] = ""
     capabilities: ClassVar[frozenset[str]] = frozenset()
     undo: ClassVar[str] = "weights"
+    # the editor's hyper-parameter dataclass (editors.core.Hparams: from_dict, edit_layers, sadr_gamma, sadr_hinge)
+    hparams_cls: ClassVar[type | None] = None
+    # SADR in a stream (+sadr with .seq<T>) needs the unedited forward mid-stream (EditContext.unedited): an editor
+    # whose edits cannot be reverted temporarily (WISE's routing hook) says False, and such cells are refused up front
+    sadr_in_streams: ClassVar[bool] = True
 
     def check_hparams(self, model, hparams: dict[str, Any]) -> None:
         """Raise a UserError for hyper-parameters this editor cannot run with (``model`` None: names, types and
-        ranges only). Called before any output is touched."""
+        ranges only; the harness adds the cell's SADR flag as ``hparams["sadr"]``). Called before any output is
+        touched. By default: they parse (`hparams_cls.from_dict`) and every layer they edit exists in ``model``."""
+        if self.hparams_cls is None:
+            return
+        hp = self.hparams_cls.from_dict(hparams)
+        if model is None:
+            return
+        from model_layer.arch import arch_for
+
+        n = arch_for(model).n_layers(model.config)
+        bad = [x for x in hp.edit_layers() if x >= n]
+        if bad:
+            raise HparamsError(f"{hp.editor} hparams name layer(s) {bad} but the model has {n} layers (0-{n - 1})")
 
     def artefacts(self, model, tok, hparams: dict[str, Any]) -> list[Artefact]:
         return []
@@ -209,6 +227,9 @@ class Editor:
 
     def sadr_settings(self, hparams: dict[str, Any]) -> dict[str, Any]:
         """SADR's weight γ and hinge for a +sadr cell of this editor (hparams ``sadr_gamma``, ``sadr_hinge``)."""
+        if self.hparams_cls is not None:
+            hp = self.hparams_cls.from_dict(hparams)
+            return {"gamma": hp.sadr_gamma, "hinge": hp.sadr_hinge}
         return {"gamma": float(hparams.get("sadr_gamma", 1e-2)), "hinge": bool(hparams.get("sadr_hinge", True))}
 
     def state_digest(self) -> str | None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from data_pipeline.schema import Case
 from editors.base import Artefact, EditHandle, Editor, HparamsError
-from model_layer.attention import attention_rows
+from model_layer.attention import attention_rows, detached_attention
 from model_layer.batching import right_pad
 from model_layer.hooks import capture, inject, replay_prefix
 
@@ -168,11 +168,35 @@ def _check_type(editor: str, f, value: Any) -> None:
             return
 
 
+@contextlib.contextmanager
+def only_grad(model: torch.nn.Module, params=()):
+    """For the block, no parameter of ``model`` requires grad except ``params``: backward then skips every frozen
+    weight's gradient (×1.55 per v* step on SmolLM2) and nothing but ``params`` can change. Every flag is put back
+    afterwards, whatever happens. Every editor's optimisation loop runs inside it."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 class Hparams:
     """What every editor's hyper-parameter dataclass shares: `from_dict` refuses unknown names, missing required
     ones, wrong types and out-of-range values (POSITIVE, NON_NEGATIVE), each as one line naming the field."""
     editor: ClassVar[str] = "editor"
     required: ClassVar[dict[str, str]] = {}  # field -> what it is, for the error message
+
+    def edit_layers(self) -> tuple[int, ...]:
+        """The layers whose weights the editor writes (checked against the model before any run): ``layers``, or
+        ``layer``, or none."""
+        if hasattr(self, "layers"):
+            return tuple(self.layers)
+        return (self.layer,) if hasattr(self, "layer") else ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
@@ -224,6 +248,9 @@ class VHparams(Hparams):
     # next step, and the loop stops once the weighted essence KL is <= 0.01 in that state
     nll_loss_factor: float = 1.0
     argmax_schedule: bool = False
+    # the paper's ROME-AWD ablation: the v* loop sees attention probabilities as constants (no gradient through
+    # *where* attention looks; model_layer.attention.detached_attention); cannot be combined with SADR
+    detach_attention: bool = False
 
 
 @dataclass
@@ -256,10 +283,6 @@ class LocateHparams(VHparams):
             kw["template_lengths"] = tuple(tuple(x) for x in tl)
         return kw
 
-    def edit_layers(self) -> tuple[int, ...]:
-        """The layers whose MLP this editor writes (checked against the model before any run)."""
-        return (self.layer,)
-
     def template_groups(self) -> list[int]:
         """Sizes of the template groups: the bare ``"{}"`` then one group per (length, n)."""
         return [1] + [n for _, n in self.template_lengths]
@@ -276,6 +299,12 @@ class LocateEditor(Editor):
     # where δ enters layer ``hp.layer``: "mlp" (ROME), "block" (MEMIT's z), or several sites optimised jointly
     # (PMET: ("mlp_out", "attn_out")); the first site's v* is the one `write` gets as ``VResult.v_star``
     target_at: ClassVar[str | tuple[str, ...]] = "mlp"
+
+    def check_hparams(self, model, hparams: dict[str, Any]) -> None:
+        super().check_hparams(model, hparams)
+        if hparams.get("sadr") and self.hparams_cls.from_dict(hparams).detach_attention:
+            raise HparamsError(f"{self.name}: detach_attention (the ROME-AWD ablation) cannot run with SADR, whose "
+                               "loss needs the attention's gradient; drop one of them")
 
     def targets(self, model, tok, cases: Sequence[Case], hp: LocateHparams, ctx) -> list["VResult"]:
         """v* of every case on the model as it is now, in one batched loop (optimise_targets)."""
@@ -322,23 +351,6 @@ class LocateEditor(Editor):
         hp, results, seconds = self._targets_timed(model, tok, cases, hparams, ctx)
         for case, res in zip(cases, results):
             yield self._write_timed(model, tok, [case], [res], hp, ctx, seconds / len(cases), group=len(cases))
-
-    def check_hparams(self, model, hparams: dict[str, Any]) -> None:
-        """Raise HparamsError unless ``hparams`` parse and every edited layer exists in ``model`` (run before any
-        output is touched; ``model`` None checks names, types and ranges only)."""
-        from model_layer.arch import arch_for
-
-        hp = self.hparams_cls.from_dict(hparams)
-        if model is None:
-            return
-        n = arch_for(model).n_layers(model.config)
-        bad = [x for x in hp.edit_layers() if x >= n]
-        if bad:
-            raise HparamsError(f"{hp.editor} hparams name layer(s) {bad} but the model has {n} layers (0-{n - 1})")
-
-    def sadr_settings(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        hp = self.hparams_cls.from_dict(hparams)
-        return {"gamma": hp.sadr_gamma, "hinge": hp.sadr_hinge}
 
     def statistics_modules(self, model, hp: LocateHparams) -> list[str]:
         """The modules whose input second moment C the editor needs: the down-projection of every edited layer
@@ -400,13 +412,15 @@ class LocateEditor(Editor):
         return key, texts
 
     def covariance(self, model, tok, module: str, hp: LocateHparams, progress: bool = False):
-        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed, checked and saved there if missing."""
+        """C for ``module`` from ``hp.stats_dir`` (a DVC output), computed, checked and saved there if missing; kept
+        on the model's device, so a GPU receives each layer's C once, not once per edit."""
         from editors.stats import load_or_compute
 
         key, texts = self.stats_key(model, module, hp)
-        if key not in self._cov:
-            self._cov[key] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress)
-        return self._cov[key]
+        dev = next(model.parameters()).device
+        if (key, dev) not in self._cov:
+            self._cov[(key, dev)] = load_or_compute(hp.stats_dir, key, model, tok, texts, progress=progress).to(dev)
+        return self._cov[(key, dev)]
 
 
 @dataclass
@@ -534,18 +548,16 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str | Sequenc
         q_rows = torch.tensor([o + j for o, b in zip(offsets, batches) for j in range(b.n_rewrite)], device=dev)
         attn_ctx = attention_rows(model, q_rows, torch.cat([b.query_idx for b in batches]),
                                   min(e.first_layer for e in every_extra if e.needs_attentions))
+    elif hp.detach_attention:
+        attn_ctx = detached_attention(model)
     else:
         attn_ctx = contextlib.nullcontext({})
-    # gradients flow only to δ: with the weights frozen, backward skips every dW matmul (×1.55 per step on SmolLM2)
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in grad_flags:
-        p.requires_grad_(False)
     losses: list[list[dict[str, float]]] = [[] for _ in batches]
     step_s: list[float] = []
     done: dict[int, int] = {}  # case -> steps it ran
     kl_init: list[torch.Tensor] = []
     nll_factor = [hp.nll_loss_factor] * k
-    try:
+    with only_grad(model):  # gradients flow only to δ
         with attn_ctx as attn:
             for it in range(hp.v_num_grad_steps):
                 t0 = time.perf_counter()
@@ -615,9 +627,6 @@ def optimise_targets(model, batches: Sequence[Batch], hook_module: str | Sequenc
                             if d.norm() > max_norm:
                                 d.mul_(max_norm / d.norm())
                 step_s.append(time.perf_counter() - t0)
-    finally:
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
     return [VResult(v_star=(v_init[0][i] + deltas[i][0]).detach(), v_init=v_init[0][i], steps=done[i],
                     losses=losses[i], step_seconds=step_s[: done[i]],
                     notes={key: v for e in extra_losses[i] for key, v in getattr(e, "notes", dict)().items()},

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.schema import Case
-from editors.base import EditHandle, Editor, HparamsError
-from editors.core import Hparams, build_batch, make_request
+from editors.base import EditHandle, Editor
+from editors.core import Hparams, build_batch, make_request, only_grad
 from model_layer.arch import arch_for
 from model_layer.attention import attention_rows
 
@@ -51,16 +51,6 @@ class FineTune(Editor):
     undo = "weights"
     hparams_cls = FTHparams
 
-    def check_hparams(self, model, hparams: dict[str, Any]) -> None:
-        hp = FTHparams.from_dict(hparams)
-        if model is not None and hp.layer >= arch_for(model).n_layers(model.config):
-            raise HparamsError(f"FT-L hparams name layer {hp.layer} but the model has "
-                               f"{arch_for(model).n_layers(model.config)} layers")
-
-    def sadr_settings(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        hp = FTHparams.from_dict(hparams)
-        return {"gamma": hp.sadr_gamma, "hinge": hp.sadr_hinge}
-
     def apply(self, model, tok, cases: list[Case], hparams: dict[str, Any], ctx) -> EditHandle:
         import time
 
@@ -85,15 +75,10 @@ class FineTune(Editor):
         steps = hp.sadr_steps if ctx.sadr_step_count else hp.num_steps
         attn_ctx = (attention_rows(model, torch.arange(n, device=dev), batch.query_idx, hp.layer + 1)
                     if any(e.needs_attentions for e in extras) else contextlib.nullcontext({}))
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for _, p in trained:
-            p.requires_grad_(True)
         opt = torch.optim.Adam(masters, lr=hp.lr, weight_decay=hp.weight_decay)
         losses, step_s, updates = [], [], 0
         try:
-            with attn_ctx as attn:
+            with only_grad(model, [p for _, p in trained]), attn_ctx as attn:
                 for it in range(steps):
                     t1 = time.perf_counter()
                     for _, p in trained:
@@ -125,8 +110,6 @@ class FineTune(Editor):
         finally:
             for _, p in trained:
                 p.grad = None
-            for p, flag in flags:
-                p.requires_grad_(flag)
         dw = (trained[0][1].detach().float() - originals[0])
         notes = {k: v for e in extras for k, v in getattr(e, "notes", dict)().items()}
         handle.diagnostics = {"layer": hp.layer, "steps": len(losses), "updates": updates, "final_loss": losses[-1],

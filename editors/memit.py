@@ -52,9 +52,6 @@ class MemitHparams(LocateHparams):
             raise HparamsError(f"MEMIT hparams 'layers' must be a non-empty list of distinct layer indices, got {layers!r}")
         return {**kw, "layers": tuple(sorted(layers)), "layer": max(layers)}
 
-    def edit_layers(self) -> tuple[int, ...]:
-        return self.layers
-
 
 def z_reached(model, module: str, rows, s_idx, res: VResult, pad: int) -> tuple[float, float]:
     """(‖z* − z_init‖, the share of it the written layers achieved at ``module`` for the bare prompt: 1 = all)."""

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ from torch import nn
 
 from basis.io import dumps_line, sha256_text
 from editors.base import Artefact, EditHandle, Editor, HparamsError
-from editors.core import Hparams, _is_int, build_batch, make_request
+from editors.core import Hparams, _is_int, build_batch, make_request, only_grad
 from model_layer.arch import arch_for
 
 MODULE_ROLES = ("mlp_in", "mlp_out", "attn_out")
@@ -208,20 +207,10 @@ def edited_weights(model, hp: MendHparams) -> dict[str, tuple[int, int]]:
 
 # ------------------------------------------------------------------------------------- gradient factors, edit
 
-@contextmanager
-def _weights_in_graph(model, names: list[str]) -> Iterator[None]:
+def _weights_in_graph(model, names: list[str]):
     """Only the edited weights require grad for the block (their outputs then carry a gradient path)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     params = dict(model.named_parameters())
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for n in names:
-            params[n].requires_grad_(True)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    return only_grad(model, [params[n] for n in names])
 
 
 def nll_at(logits: torch.Tensor, label_pos: list[int], labels: list[int]) -> torch.Tensor:
@@ -293,18 +282,17 @@ class Mend(Editor):
         self._nets: dict[str, MendNet] = {}  # loaded checkpoints by path (read-only after loading)
 
     def check_hparams(self, model, hparams: dict[str, Any]) -> None:
-        hp = MendHparams.from_dict(hparams)
-        if model is not None:
-            edited_weights(model, hp)
-
-    def sadr_settings(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        hp = MendHparams.from_dict(hparams)
-        return {"gamma": hp.sadr_gamma, "hinge": hp.sadr_hinge}
+        super().check_hparams(model, hparams)
+        if model is not None:  # and every edited weight exists
+            edited_weights(model, MendHparams.from_dict(hparams))
 
     def artefacts(self, model, tok, hparams: dict[str, Any]) -> list[Artefact]:
+        """The checkpoint the cell loads: MEND's for a plain cell, MEND+SADR's for a +sadr cell (``sadr`` in
+        ``hparams``, as the harness passes it); both when the flag is not given."""
         hp = MendHparams.from_dict(hparams)
-        return [Artefact("checkpoint", str(hp.checkpoint_path(s)), f"driftbench train-mend{' --sadr' if s else ''}")
-                for s in (None, self.sadr_settings(hparams))]
+        flags = [bool(hparams["sadr"])] if "sadr" in hparams else [False, True]
+        return [Artefact("checkpoint", str(hp.checkpoint_path(self.sadr_settings(hparams) if f else None)),
+                         f"driftbench train-mend{' --sadr' if f else ''}") for f in flags]
 
     def net(self, model, hp: MendHparams, sadr: dict[str, Any] | None) -> MendNet:
         path = hp.checkpoint_path(sadr)

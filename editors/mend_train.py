@@ -33,6 +33,7 @@ from basis.errors import UserError
 from basis.io import atomic_write_bytes, sha256_text
 from data_pipeline.schema import Case
 from editors.base import EditContext
+from editors.core import only_grad
 from editors.mend import MendHparams, MendNet, edit_row, edited_weights, gradient_factors, nll_at, save_checkpoint
 from model_layer.attention import attention_rows
 
@@ -112,14 +113,8 @@ def train(model, tok, cases: list[Case], hp: MendHparams, sadr: dict[str, Any] |
     """Train g on ``cases`` (already the training set, in order) for ``hp.train_steps`` edits; write the checkpoint
     to ``out`` (resuming from ``<out>.resume.pt`` when present). Returns the checkpoint's metadata."""
     model.eval()
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:  # the model is never trained: its weights need no gradient path
-        p.requires_grad_(False)
-    try:
+    with only_grad(model):  # the model is never trained: its weights need no gradient path
         return _train(model, tok, cases, hp, sadr, out, progress)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _train(model, tok, cases, hp, sadr, out, progress):

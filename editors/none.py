@@ -13,7 +13,7 @@ class NoEdit(Editor):
     undo = "weights"
 
     def check_hparams(self, model, hparams: dict[str, Any]) -> None:
-        extra = sorted(set(hparams) - {"template_seed"})
+        extra = sorted(set(hparams) - {"template_seed", "sadr"})
         if extra:
             raise HparamsError(f"the unedited baseline 'none' takes no hyper-parameters, got {extra}")
 

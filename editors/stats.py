@@ -121,12 +121,13 @@ def check_stats(m: Moments, where: str) -> None:
 @torch.no_grad()
 def second_moment(model, tok, module_name: str, texts, max_tokens: int, max_len: int, split: str = "windows",
                   batch_tokens: int = 4096, progress: bool = True) -> Moments:
-    """Accumulate Σ k kᵀ (fp32) over the inputs of ``module_name`` until ``max_tokens`` tokens are seen."""
+    """Accumulate Σ k kᵀ (fp32, on the model's device) over the inputs of ``module_name`` until ``max_tokens``
+    tokens are seen; C = Σ/count is returned on the host."""
     from tqdm.auto import tqdm
 
     module = model.get_submodule(module_name)
     d = module.in_features if hasattr(module, "in_features") else module.weight.shape[1]
-    acc = torch.zeros(d, d, dtype=torch.float32)
+    acc = torch.zeros(d, d, dtype=torch.float32, device=next(model.parameters()).device)  # summed where k lives
     count = 0
     captured: list[torch.Tensor] = []
 
@@ -147,7 +148,7 @@ def second_moment(model, tok, module_name: str, texts, max_tokens: int, max_len:
             bar.close()
     if count == 0:
         raise StatsError(f"no tokens collected for second-moment statistics of {module_name}")
-    return Moments(acc / count, count, max_tokens, exhausted=count < max_tokens)
+    return Moments((acc / count).cpu(), count, max_tokens, exhausted=count < max_tokens)
 
 
 def _accumulate(model, batch, acc, captured, count, max_tokens, pad_id, bar) -> int:
@@ -158,7 +159,7 @@ def _accumulate(model, batch, acc, captured, count, max_tokens, pad_id, bar) -> 
         model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
     except StopForward:
         pass
-    k = captured[0].float().cpu()[mask.bool()]  # [n_real_tokens, d]
+    k = captured[0].float()[mask.to(dev).bool()]  # [n_real_tokens, d], on the model's device
     k = k[: max_tokens - count]
     acc.addmm_(k.T, k)
     bar.update(len(k))

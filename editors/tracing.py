@@ -61,8 +61,9 @@ def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: floa
     arch = arch_for(model)
     n_layers = arch.n_layers(model.config)
     emb = model.get_submodule(arch.embed)
+    dev = emb.weight.device  # inputs and noise are built where the model is
     subj_ids = [encode(tok, s)[-1] for _, s, _ in facts]
-    nu = noise_mult * emb.weight[torch.tensor(subj_ids)].float().std().item()
+    nu = noise_mult * emb.weight[torch.tensor(subj_ids, device=dev)].float().std().item()
     gen = torch.Generator().manual_seed(seed)
     ie = torch.zeros(n_layers)
     clean_sum = corrupt_sum = 0.0
@@ -73,7 +74,7 @@ def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: floa
         start = prompt.index(subject)
         s_first = len(encode(tok, prompt[:start])) if start else (1 if ids[0] == tok.bos_token_id else 0)
         s_last = len(encode(tok, prompt[: start + len(subject)])) - 1
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=dev)
         # clean outputs of the traced module at the subject's last token, every layer
         clean_mlp: dict[int, torch.Tensor] = {}
         hooks = [model.get_submodule(arch.layer(module, l)).register_forward_hook(
@@ -84,7 +85,7 @@ def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: floa
         rows = 1 + n_layers  # per sample: corrupted, then one restored run per layer window
         batch = x.repeat(rows * samples, 1)
         noise = torch.randn((samples, s_last - s_first + 1, emb.weight.shape[1]), generator=gen) * nu
-        noise = noise.repeat_interleave(rows, dim=0)
+        noise = noise.repeat_interleave(rows, dim=0).to(dev)  # drawn on the host: the same noise on every device
 
         def add_noise(m, i, o):
             o = o.clone()
@@ -109,7 +110,7 @@ def trace(model, tok, facts, samples: int = 3, window: int = 6, noise_mult: floa
             for h in hooks:
                 h.remove()
         corrupted = p[:, 0].mean()
-        ie += (p[:, 1:] - p[:, :1]).mean(0)
+        ie += (p[:, 1:] - p[:, :1]).mean(0).cpu()
         clean_sum += p_clean
         corrupt_sum += corrupted.item()
     ie /= len(facts)

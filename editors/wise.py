@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editors.base import EditHandle, Editor, HparamsError
-from editors.core import Hparams, _is_int, build_batch, generate_context_templates, make_request
+from editors.core import Hparams, _is_int, build_batch, generate_context_templates, make_request, only_grad
 from model_layer.arch import arch_for
 from model_layer.attention import attention_rows
 from model_layer.batching import right_pad
@@ -148,7 +148,7 @@ class SideMemory(nn.Module):
         super().__init__()
         self.main = main
         self.act_ratio = act_ratio
-        self.side = nn.Parameter(main.weight.detach().clone())
+        self.side = nn.Parameter(main.weight.detach().clone(), requires_grad=False)  # trained only inside an edit
         self.act = act
         self.editing = False
         self.shard_scores: list[float] = []  # the routing score of each edit in the current shard
@@ -232,20 +232,11 @@ class Wise(Editor):
     capabilities = frozenset({"sadr", "sequential", "changes_forward"})
     undo = "modules"
     hparams_cls = WiseHparams
+    sadr_in_streams = False  # the side memory's routing hook is not reverted by EditContext.unedited
 
     def __init__(self):
         self._templates: dict[tuple, list[str]] = {}
         self._lines: dict[str, list[str]] = {}
-
-    def check_hparams(self, model, hparams: dict[str, Any]) -> None:
-        hp = WiseHparams.from_dict(hparams)
-        if model is not None and hp.layer >= arch_for(model).n_layers(model.config):
-            raise HparamsError(f"WISE hparams name layer {hp.layer} but the model has "
-                               f"{arch_for(model).n_layers(model.config)} layers")
-
-    def sadr_settings(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        hp = WiseHparams.from_dict(hparams)
-        return {"gamma": hp.sadr_gamma, "hinge": hp.sadr_hinge}
 
     def unrelated_line(self, tok, hp: WiseHparams, case_id: str) -> list[int]:
         """An unrelated row for s_out: a WikiText line chosen by the case id, cut to ``loc_tokens`` tokens."""
@@ -291,21 +282,20 @@ class Wise(Editor):
         batch = build_batch(tok, make_request(case), self._templates[key], dev)
         loc_ids, loc_mask = right_pad([self.unrelated_line(tok, hp, case.case_id)], tok.pad_token_id)
         loc_ids, loc_mask = loc_ids.to(dev), loc_mask.to(dev)
-        if ctx.sadr is not None and not ctx.pristine:
+        if ctx.sadr is not None and not ctx.pristine:  # the harness refuses such cells first (sadr_in_streams)
             raise HparamsError("WISE+SADR in a stream is not supported yet: SADR's reference mid-stream needs the "
                                "unedited forward, which a side memory's hook does not revert; run wise+sadr on "
                                "single edits, or wise.seq<T> without SADR")
         handle = EditHandle()
-        flags = [(p, p.requires_grad) for p in model.parameters()]  # before the side memory's own parameter exists
         mem = self.memory(model, handle, hp)
         try:
-            return self._edit(model, tok, case, batch, loc_ids, loc_mask, hp, ctx, handle, mem, flags, t0)
+            return self._edit(model, tok, case, batch, loc_ids, loc_mask, hp, ctx, handle, mem, t0)
         except BaseException:
             handle.restore()  # a failed edit leaves no side memory or hook behind
             raise
 
     def _edit(self, model, tok, case, batch, loc_ids, loc_mask, hp: WiseHparams, ctx, handle: EditHandle,
-              mem: SideMemory, flags, t0: float) -> EditHandle:
+              mem: SideMemory, t0: float) -> EditHandle:
         dev = next(model.parameters()).device
         n = batch.n_rewrite
         ids, mask = batch.input_ids[:n], batch.attention_mask[:n]
@@ -320,48 +310,43 @@ class Wise(Editor):
         losses, prev, s_in = [], None, None
         mem.editing = True
         try:
-            for p, _ in flags:
-                p.requires_grad_(False)
-            mem.side.requires_grad_(True)
-            rows = torch.arange(n, device=dev)
-            for it in range(steps):
-                with attention_rows(model, rows, batch.query_idx, hp.layer + 1) if extras else nullcontext({}) as att:
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                d_in = mem.last_dist
-                nll = torch.stack([-F.log_softmax(logits[i, batch.label_pos[i]].float(), -1)
-                                   .gather(1, torch.tensor(batch.labels[: len(batch.label_pos[i])], device=dev)[:, None])
-                                   .mean() for i in range(n)]).mean()
-                model(input_ids=loc_ids, attention_mask=loc_mask, use_cache=False, logits_to_keep=1)
-                s_in, s_out = _row_means(d_in, mask), _row_means(mem.last_dist, loc_mask)
-                margin = (_pos_mean(s_out - s_in + gamma) + _pos_mean(s_out - alpha) + _pos_mean(beta - s_in))
-                loss = nll + margin
-                parts = {"nll": nll.item(), "margin": margin.item()}
-                for extra in extras:
-                    term = extra(it, dict(att), batch)
-                    if term is not None:
-                        loss = loss + term
-                        parts[type(extra).__name__] = term.item()
-                parts["total"] = loss.item()
-                losses.append(parts)
-                if prev is not None and abs(loss.item() - prev) <= 1e-4 and loss.item() <= 0.02:
-                    break
-                prev = loss.item()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                mem.side.grad.mul_(mem.mask)
-                opt.step()
-                with torch.no_grad():
-                    mem.side.copy_(torch.clamp(mem.side, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
-            with torch.no_grad():  # the edit's own routing score: the bare prompt's prefix mean at its last token
-                q = int(batch.query_idx[0])
-                model(input_ids=ids[:1, : q + 1], use_cache=False, logits_to_keep=1)
-                score = float(mem.last_dist[0].mean())
+            with only_grad(model, [mem.side]):
+                rows = torch.arange(n, device=dev)
+                for it in range(steps):
+                    with attention_rows(model, rows, batch.query_idx, hp.layer + 1) if extras else nullcontext({}) as att:
+                        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    d_in = mem.last_dist
+                    nll = torch.stack([-F.log_softmax(logits[i, batch.label_pos[i]].float(), -1)
+                                       .gather(1, torch.tensor(batch.labels[: len(batch.label_pos[i])], device=dev)[:, None])
+                                       .mean() for i in range(n)]).mean()
+                    model(input_ids=loc_ids, attention_mask=loc_mask, use_cache=False, logits_to_keep=1)
+                    s_in, s_out = _row_means(d_in, mask), _row_means(mem.last_dist, loc_mask)
+                    margin = (_pos_mean(s_out - s_in + gamma) + _pos_mean(s_out - alpha) + _pos_mean(beta - s_in))
+                    loss = nll + margin
+                    parts = {"nll": nll.item(), "margin": margin.item()}
+                    for extra in extras:
+                        term = extra(it, dict(att), batch)
+                        if term is not None:
+                            loss = loss + term
+                            parts[type(extra).__name__] = term.item()
+                    parts["total"] = loss.item()
+                    losses.append(parts)
+                    if prev is not None and abs(loss.item() - prev) <= 1e-4 and loss.item() <= 0.02:
+                        break
+                    prev = loss.item()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    mem.side.grad.mul_(mem.mask)
+                    opt.step()
+                    with torch.no_grad():
+                        mem.side.copy_(torch.clamp(mem.side, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+                with torch.no_grad():  # the edit's own routing score: the bare prompt's prefix mean at its last token
+                    q = int(batch.query_idx[0])
+                    model(input_ids=ids[:1, : q + 1], use_cache=False, logits_to_keep=1)
+                    score = float(mem.last_dist[0].mean())
         finally:
             mem.editing = False
             mem.side.grad = None
-            mem.side.requires_grad_(False)
-            for p, flag in flags:
-                p.requires_grad_(flag)
         threshold = hp.act_ratio * min(mem.shard_scores + [score])
         self._remember(mem, score, hp)
         notes = {k: v for e in extras for k, v in getattr(e, "notes", dict)().items()}

@@ -1,8 +1,8 @@
 """The half of the paper's diagnosis that needs the edited model's forward passes (§3.2–3.4, Table 2, Table 4),
 for any cell: where the failure enters, whether attention drift predicts it, whether undoing the drift cures it.
 
-For each of the first ``cases`` cases of the profile's subset, its first ``prompts`` distracted-neighbourhood (DNS)
-and relation (RS, those that contain the subject) prompts are run on the unedited model, the cell's edit is applied
+For each of the first ``cases`` cases of the profile's subset, every distracted-neighbourhood (DNS) and relation
+(RS, those that contain the subject) prompt is run on the unedited model, the cell's edit is applied
 (the cell's editor, hyper-parameters and SADR setting, through `EditContext` as the harness does), the prompts are
 run on the edited model, and the edit is restored (checked bit-exactly against the model's state before).
 
@@ -15,7 +15,8 @@ run on the edited model, and the edit is restored (checked bit-exactly against t
 - **Edit size (Table 4)**: per case, the Frobenius norm of the weight change (absolute and relative to the
   changed tensors' norm) against the case's mean DNS P(o_edit); ρ across cases. Editors that leave the weights
   alone (WISE's side memory) have none.
-- **Contaminating substitution (§3.2, Fig. 3)**: in a forward pass of the *unedited* model, the outputs of one
+- **Contaminating substitution (§3.2, Fig. 3)**, on the first ``prompts`` prompts of each task (it costs about
+  300 forwards per prompt; everything else runs on every prompt): in a forward pass of the *unedited* model, the outputs of one
   module kind (MLP or attention) in a window of ``window`` layers starting at layer l are replaced, at one group of
   token positions, by the edited model's outputs there; the effect is the change of P(o_true) (and P(o_edit))
   against the unedited pass. Token groups: before the subject, the subject's other tokens, its last token, after
@@ -28,20 +29,16 @@ run on the edited model, and the edit is restored (checked bit-exactly against t
 Substitution and patching measure the probability of each object's first token at the prompt's last position (one
 forward per variant, as causal tracing does); the factors use the paper protocol above.
 
-Hooks: substitution uses `model_layer.hooks.inject` (adding ``edited − current`` replaces the output). Patching
-needs an attention function that swaps the probabilities; it is registered here, beside its only user, through
-transformers' AttentionInterface like `model_layer.attention` does, and moves to `model_layer/attention.py` at the
-next change of the cells' code (that folder is part of every cell's fingerprint; moving it now would rerun every
-cell for no change of any number).
+Hooks (all in `model_layer`): substitution uses `model_layer.hooks.inject` (adding ``edited − current`` replaces
+the output); patching uses `model_layer.attention.patched_attention`.
 """
 from __future__ import annotations
 
 import math
-import sys
-from contextlib import ExitStack, contextmanager
-from contextvars import ContextVar
+import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -91,8 +88,9 @@ def token_groups(offsets: Sequence[tuple[int, int]], s0: int, s1: int) -> tuple[
     return out, last_subj
 
 
-def case_prompts(case: Case, tok, scorer, per_task: int) -> list[Prompt]:
-    """The first ``per_task`` DNS prompts and RS prompts containing the subject, tokenised as the scorer does."""
+def case_prompts(case: Case, tok, scorer, per_task: int | None = None) -> list[Prompt]:
+    """The DNS prompts and the RS prompts containing the subject (the first ``per_task`` of each; None: all),
+    tokenised as the scorer does."""
     probes = build_probes(case)
     out = []
     for task, key in TASKS.items():
@@ -101,7 +99,7 @@ def case_prompts(case: Case, tok, scorer, per_task: int) -> list[Prompt]:
             continue
         picked = 0
         for ctx, right, wrong in zip(ps.contexts, ps.right, ps.wrong):
-            if picked >= per_task:
+            if per_task is not None and picked >= per_task:
                 break
             s0 = (case.prompt.find(case.subject) if task == "DNS" else ctx.rfind(case.subject))
             if s0 < 0:
@@ -145,61 +143,6 @@ def factors(pre: torch.Tensor, post: torch.Tensor, s: int) -> dict[str, float]:
             "f3": float(d[:, :, s].sum())}
 
 
-# ---- patching attention probabilities (§3.4) ----
-PATCH_IMPL = "driftbench_patch_eager"
-_PATCH: ContextVar["dict | None"] = ContextVar("driftbench_attention_patch", default=None)
-
-
-def _patch_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The modeling file's eager attention; for the batch rows patched at this layer, probabilities replaced."""
-    fn = sys.modules[type(module).__module__].eager_attention_forward
-    out, w = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    patch = _PATCH.get()
-    layer = getattr(module, "layer_idx", None)
-    if patch is None or layer not in patch["rows"]:
-        return out, w
-    rows, src = patch["rows"][layer], patch["weights"][layer]  # [R], [H, T, T]
-    v = value[rows]
-    n_rep = query.shape[1] // v.shape[1]
-    if n_rep > 1:  # grouped-query attention: query head h reads key/value head h // n_rep
-        v = v.repeat_interleave(n_rep, dim=1)
-    t = v.shape[2]
-    patched = torch.matmul(src[None, :, :t, :t].to(v.dtype), v).transpose(1, 2)  # [R, T, H, D]
-    out = out.clone()
-    out[rows] = patched.reshape(out[rows].shape).to(out.dtype)
-    if w is not None:
-        w = w.clone()
-        w[rows] = src[None, :, :t, :t].to(w.dtype)
-    return out, w
-
-
-def _register_patch() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    if PATCH_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionInterface.register(PATCH_IMPL, _patch_forward)
-        AttentionMaskInterface.register(PATCH_IMPL, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["eager"])
-    return PATCH_IMPL
-
-
-@contextmanager
-def patched_attention(model, weights: dict[int, torch.Tensor], rows: dict[int, Sequence[int]]) -> Iterator[None]:
-    """Forwards inside the block use ``weights[l]`` ([H, T, T]) as the attention probabilities of layer l for the
-    batch rows ``rows[l]``; every other row and layer runs eager attention unchanged."""
-    from model_layer.attention import attention_implementation
-
-    dev = _device(model)
-    state = {"rows": {l: torch.as_tensor(list(r), dtype=torch.long, device=dev) for l, r in rows.items() if len(r)},
-             "weights": {l: w.to(dev) for l, w in weights.items()}}
-    token = _PATCH.set(state)
-    try:
-        with attention_implementation(model, _register_patch()):
-            yield
-    finally:
-        _PATCH.reset(token)
-
-
 def _probs(logits_last: torch.Tensor, p: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
     lp = torch.log_softmax(logits_last.float(), -1)
     return lp[..., p.t_true].exp(), lp[..., p.t_edit].exp()
@@ -209,6 +152,8 @@ def _probs(logits_last: torch.Tensor, p: Prompt) -> tuple[torch.Tensor, torch.Te
 def patch_curve(model, p: Prompt, unedited_maps: list[torch.Tensor], window: int) -> dict[str, list[float]]:
     """On the (edited) model: P(o_true), P(o_edit) with no patch (x = 0) and with the unedited attention
     probabilities in layers [l, l + window) (x = l + 1), one batch of L + 1 rows."""
+    from model_layer.attention import patched_attention
+
     n_layers = len(unedited_maps)
     rows = {l: [x for x in range(1, n_layers + 1) if x - 1 <= l < x - 1 + window] for l in range(n_layers)}
     x = torch.tensor([p.ids] * (n_layers + 1), device=_device(model))
@@ -296,7 +241,9 @@ def diagnose_case(model, tok, arch, editor, spec, case: Case, scorer, settings: 
     from model_layer.checksum import model_state
 
     window = int(settings["window"])
-    prompts = case_prompts(case, tok, scorer, int(settings["prompts"]))
+    prompts = case_prompts(case, tok, scorer)
+    n_sub = int(settings["prompts"])  # substitution on the first n_sub prompts of each task
+    rank = {id(p): sum(1 for q in prompts[:i] if q.task == p.task) for i, p in enumerate(prompts)}
     pre = [forward_maps(model, p.ids) for p in prompts]
     n_layers = len(pre[0][0]) if pre else 0
     ctx = EditContext(model, editor.sadr_settings(spec.hparams) if spec.sadr else None,
@@ -313,16 +260,18 @@ def diagnose_case(model, tok, arch, editor, spec, case: Case, scorer, settings: 
             f = factors(torch.stack([m[:, last] for m in pre[i][0]]), torch.stack([m[:, last] for m in post_maps]),
                         p.subject_last)
             (lt, nt), (le, ne) = scored[2 * i], scored[2 * i + 1]
-            edited = module_outputs(model, arch, p.ids, n_layers)
             curve = patch_curve(model, p, pre[i][0], window)
-            with ctx.unedited():
-                sub = substitution(model, arch, p, edited, window, int(settings.get("batch", 32)))
+            sub = None
+            if rank[id(p)] < n_sub:
+                edited = module_outputs(model, arch, p.ids, n_layers)
+                with ctx.unedited():
+                    sub = substitution(model, arch, p, edited, window, int(settings.get("batch", 32)))
             out["prompts"].append({
                 "task": p.task, "text": p.text, "tokens": len(p.ids), "groups": p.groups, **f,
                 "p_edit": math.exp(le / ne), "p_true": math.exp(lt / nt),
                 "first_token": {"pre": [float(pre[i][1][p.t_true].exp()), float(pre[i][1][p.t_edit].exp())],
                                 "post": [float(post_lp[p.t_true].exp()), float(post_lp[p.t_edit].exp())]},
-                "patch": curve, "substitution": {k: v.tolist() for k, v in sub.items()}})
+                "patch": curve, "substitution": None if sub is None else {k: v.tolist() for k, v in sub.items()}})
     finally:
         ctx.restore_all()
     if model_state(model, editor) != clean_state:
@@ -340,9 +289,14 @@ def summarise(per_case: list[dict]) -> dict[str, Any]:
             continue
         y = [p["p_edit"] for p in ps]
         t: dict[str, Any] = {"n": len(ps), "rho": {f: pearson([p[f] for p in ps], y) for f in ("kl", "f1", "f2", "f3")}}
+        subs = [p["substitution"] for p in ps if p.get("substitution")]
+        t["n_substitution"] = len(subs)
         for key in ("d_true", "d_edit"):
-            arr = np.array([p["substitution"][key] for p in ps], dtype=np.float64)
-            with np.errstate(invalid="ignore"):
+            if not subs:
+                continue
+            arr = np.array([s_[key] for s_ in subs], dtype=np.float64)
+            with warnings.catch_warnings():  # a token group no prompt has: its column stays empty (None)
+                warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(arr, axis=0)
             t[f"substitution_{key}"] = np.where(np.isnan(mean), None, np.round(mean, 6)).tolist()
         for key in ("p_true", "p_edit"):
@@ -374,6 +328,10 @@ def plot(cell: str, summary: dict, window: int, path) -> None:
     for i, task in enumerate(tasks):
         t = summary["tasks"][task]
         for j, (key, what) in enumerate((("d_true", "ΔP(o_true)"), ("d_edit", "ΔP(o_edit)"))):
+            if f"substitution_{key}" not in t:
+                for k in range(len(KINDS)):
+                    axes[i][2 * j + k].axis("off")
+                continue
             heat = np.array(t[f"substitution_{key}"], dtype=np.float64)  # [kind, start, group]
             lim = float(np.nanmax(np.abs(heat))) if np.isfinite(heat).any() else 1.0
             for k, kind in enumerate(KINDS):
@@ -381,7 +339,8 @@ def plot(cell: str, summary: dict, window: int, path) -> None:
                 im = ax.imshow(heat[k], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
                 ax.set_xticks(range(len(GROUPS)), GROUPS, rotation=30, fontsize=7, ha="right")
                 ax.set_ylabel(f"first layer of the {window}-layer window", fontsize=7)
-                ax.set_title(f"{task}: edited {kind} outputs into the unedited model → {what}", fontsize=8)
+                ax.set_title(f"{task}: edited {kind} outputs into the unedited model → {what} "
+                             f"(n = {t['n_substitution']})", fontsize=8)
                 fig.colorbar(im, ax=ax, fraction=0.046)
         ax = axes[i][4]
         for key, colour in (("p_true", "tab:blue"), ("p_edit", "tab:red")):

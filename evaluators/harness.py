@@ -70,17 +70,20 @@ def installed_packages() -> str:
 
 def environment(model) -> dict[str, Any]:
     """Deterministic description of where the numbers came from (no host names, no timestamps): the headline
-    versions, device and dtype, and the full installed set (``packages``) with its sha256 (``installed``), so a
-    changed lock changes every result fingerprint."""
+    versions, device and dtype, the full installed set (``packages``) with its sha256 (``installed``), so a
+    changed lock changes every result fingerprint, and on CPU the torch thread count."""
     import lm_eval
     import torch
     import transformers
 
     p = next(model.parameters())
     packages = installed_packages()
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
-            "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", ""),
-            "installed": sha256_text(packages)[:16], "packages": packages}
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
+           "python": platform.python_version(), "device": str(p.device.type), "dtype": str(p.dtype).replace("torch.", ""),
+           "installed": sha256_text(packages)[:16], "packages": packages}
+    if p.device.type == "cpu":  # CPU kernels split reductions by thread: another count moves the 6th-7th digit
+        env["cpu_threads"] = str(torch.get_num_threads())  # a string, as every env field (submission schema)
+    return env
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +127,32 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return sha256_text(dumps_line(parts))[:16]
 
 
+def worker_identity(editor: str) -> dict[str, str]:
+    """What two processes must share to compute the same rows of an ``editor`` cell, known without a model: the
+    code a cell runs and the installed set (a cluster backend compares its workers' with the driver's)."""
+    from editors.registry import get_editor
+
+    return {"code": code_identity(CELL_CODE, tuple(get_editor(editor).code_files())),
+            "installed": sha256_text(installed_packages())[:16], "python": platform.python_version()}
+
+
+@dataclass
+class Job:
+    """A planned output: the plan (fingerprint, units) and ``compute(unit) -> (rows, timings)``, which runs in the
+    process that built the job (it holds the model). `runner.run` executes it here; a cluster backend builds one
+    per worker and sends units to them (evaluators.cluster)."""
+    plan: runner.Plan
+    compute: Any
+    desc: str
+
+
+def run_job(job: Job, out_path: Path, parts: Path | None = None, shard: tuple[int, int] = (0, 1),
+            progress: bool = True, expect_fingerprint: str | None = None) -> list[dict] | None:
+    """Execute ``job`` in this process (this shard's units), then merge; the merged rows or None."""
+    return runner.run(Path(out_path), parts or parts_root(out_path), job.plan, job.compute, shard, progress,
+                      desc=job.desc, expect_fingerprint=expect_fingerprint)["rows"]
+
+
 def parts_root(out_path: Path) -> Path:
     """Where an output's part files live: ``<folder>/.parts/<name>`` (ignored by git and DVC)."""
     out_path = Path(out_path)
@@ -163,6 +192,13 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
 
     ``model_id`` identifies the weights (e.g. GGUF sha256 or hub id@revision) so that pointing the same model name
     at other weights never reuses old rows on resume."""
+    job = pre_job(model, tok, model_name, content_id, cases, batch_size, model_id, ppl_corpus)
+    return run_job(job, out_path, parts, shard, progress, expect_fingerprint)
+
+
+def pre_job(model, tok, model_name: str, content_id: str, cases: list[Case], batch_size: int = 32,
+            model_id: str | None = None, ppl_corpus: str | Path | None = None) -> Job:
+    """The pre-edit scoring of `run_pre` as a job."""
     from evaluators.scoring import ProbeScorer
 
     texts, corpus_sha = _ppl_texts(ppl_corpus)
@@ -181,9 +217,7 @@ def run_pre(model, tok, model_name: str, content_id: str, cases: list[Case], out
         return ([{"case_id": case.case_id, "source": case.source, "model": model_name, "scores": scores, "env": env}],
                 [{"score_s": time.perf_counter() - t0}])
 
-    plan = runner.make_plan(fp, list(by_id))
-    return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, shard, progress,
-                      desc=f"pre-edit {model_name}", expect_fingerprint=expect_fingerprint)["rows"]
+    return Job(runner.make_plan(fp, list(by_id)), compute, f"pre-edit {model_name}")
 
 
 def _pre_rows(pre_path: Path, cases: list[Case]) -> dict[str, dict]:
@@ -202,6 +236,11 @@ def run_none(spec: CellSpec, cases: list[Case], pre_path: Path, out_path: Path, 
              expect_fingerprint: str | None = None) -> list[dict] | None:
     """The unedited baseline from the pre-edit rows (no edit, so nothing to score again): post = pre, with the
     row schema of every cell. tests/test_harness.py keeps a scored run of `none` to check that they agree."""
+    return run_job(none_job(spec, cases, pre_path), out_path, parts, shard, progress, expect_fingerprint)
+
+
+def none_job(spec: CellSpec, cases: list[Case], pre_path: Path) -> Job:
+    """`run_none` as a job (no model)."""
     from editors.registry import get_editor
 
     pre = _pre_rows(pre_path, cases)
@@ -217,9 +256,7 @@ def run_none(spec: CellSpec, cases: list[Case], pre_path: Path, out_path: Path, 
                          "env": r["env"]})
         return rows, [{} for _ in rows]
 
-    plan = runner.make_plan(fp, [c.case_id for c in cases])
-    return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, shard, progress,
-                      desc=spec.cell_id, expect_fingerprint=expect_fingerprint)["rows"]
+    return Job(runner.make_plan(fp, [c.case_id for c in cases]), compute, spec.cell_id)
 
 
 def prepare_cell(model, tok, spec: CellSpec, editor=None):
@@ -242,12 +279,19 @@ def prepare_cell(model, tok, spec: CellSpec, editor=None):
         raise UserError(f"editor {spec.editor!r} (first contract) builds its own SADR loss, whose reference would "
                         "be the edited model in the middle of a stream: run it with '+sadr' one case at a time, "
                         "or port it to editors.base.Editor")
+    if spec.sadr and spec.mode.kind != SINGLE and not editor.sadr_in_streams:
+        raise UserError(f"editor {spec.editor!r} cannot run SADR in a stream (its edits cannot be reverted mid-stream "
+                        f"for SADR's reference): run '{spec.editor}+sadr' on single edits, or "
+                        f"'{spec.editor}.{spec.mode.suffix}' without SADR")
     if spec.mode.kind == "batch" and "batch" not in caps:
         raise UserError(f"editor {spec.editor!r} cannot edit a batch of cases at once (no 'batch' capability): use "
                         f"'.seq{spec.mode.size}' instead of '.{spec.mode.suffix}'")
-    editor.check_hparams(model, spec.hparams)
+    editor.check_hparams(model, dict(spec.hparams, sadr=spec.sadr))  # the flag rides along as for artefacts below
     # by file name (content-named), not path: where a worker keeps its stats folder does not enter the fingerprint
-    artefacts = ({Path(a.path).name: a.sha256() for a in editor.artefacts(model, tok, spec.hparams)}
+    # the cell's SADR flag rides along as ``sadr`` (every Hparams.from_dict accepts it): an editor with one artefact
+    # per flag (MEND's two checkpoints) names only the one this cell loads
+    artefacts = ({Path(a.path).name: a.sha256() for a in editor.artefacts(model, tok, dict(spec.hparams,
+                                                                                           sadr=spec.sadr))}
                  if model is not None else {})
     return editor, artefacts
 
@@ -258,6 +302,13 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
              shard: tuple[int, int] = (0, 1), expect_fingerprint: str | None = None) -> list[dict] | None:
     """Edit → score → restore for each unit of one cell (model × editor × ±SADR × mode); ``model_id`` as in
     `run_pre`. Returns the merged rows, or None while other shards' units are missing."""
+    job = cell_job(model, tok, spec, content_id, cases, pre_path, batch_size, model_id, ppl_corpus)
+    return run_job(job, out_path, parts, shard, progress, expect_fingerprint)
+
+
+def cell_job(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre_path: Path, batch_size: int = 32,
+             model_id: str | None = None, ppl_corpus: str | Path | None = None) -> Job:
+    """`run_cell` as a job: everything checked and the fingerprint fixed here, before any unit runs."""
     from evaluators.drift import DriftProbe
     from evaluators.scoring import ProbeScorer
     from model_layer.checksum import model_state
@@ -352,6 +403,4 @@ def run_cell(model, tok, spec: CellSpec, content_id: str, cases: list[Case], pre
                 for c in unit_cases]
         return rows, [tim[c.case_id] for c in unit_cases]
 
-    plan = runner.make_plan(fp, list(by_id), mode, group=spec.group)
-    return runner.run(Path(out_path), parts or parts_root(out_path), plan, compute, shard, progress,
-                      desc=spec.cell_id, expect_fingerprint=expect_fingerprint)["rows"]
+    return Job(runner.make_plan(fp, list(by_id), mode, group=spec.group), compute, spec.cell_id)

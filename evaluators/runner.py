@@ -156,6 +156,18 @@ def check_fingerprint(plan: Plan, expect: str | None, desc: str) -> None:
                         "checkout on every worker")
 
 
+def record(plan: Plan, store: PartStore, unit: Unit, rows: list[dict], timings: list[dict]) -> None:
+    """Store one computed unit as its part: its rows (checked against the unit's cases) stamped with the plan's
+    fingerprint, and its timings. Wherever ``compute`` ran, this is how its result enters the output."""
+    if [r.get("case_id") for r in rows] != list(unit.case_ids) or len(timings) != len(rows):  # a bug in compute
+        raise RuntimeError(f"unit {unit.key}: rows {[r.get('case_id') for r in rows]} and {len(timings)} timings "
+                           f"for {unit.case_ids}")
+    for r in rows:
+        r["fingerprint"] = plan.fingerprint
+    store.write(unit, rows, [{"case_id": c, "fingerprint": plan.fingerprint, **t}
+                             for c, t in zip(unit.case_ids, timings)])
+
+
 def execute(plan: Plan, store: PartStore, compute: Callable[[Unit], tuple[list[dict], list[dict]]],
             shard: tuple[int, int] = (0, 1), progress: bool = True, desc: str = "",
             expect_fingerprint: str | None = None) -> int:
@@ -170,13 +182,7 @@ def execute(plan: Plan, store: PartStore, compute: Callable[[Unit], tuple[list[d
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
     try:
         for unit in todo:
-            rows, timings = compute(unit)
-            if [r.get("case_id") for r in rows] != list(unit.case_ids):  # cannot happen: a bug in compute
-                raise RuntimeError(f"unit {unit.key}: rows {[r.get('case_id') for r in rows]} for {unit.case_ids}")
-            for r in rows:
-                r["fingerprint"] = plan.fingerprint
-            store.write(unit, rows, [{"case_id": c, "fingerprint": plan.fingerprint, **t}
-                                     for c, t in zip(unit.case_ids, timings)])
+            record(plan, store, unit, *compute(unit))
             bar.update(len(unit.case_ids))
     finally:
         bar.close()

@@ -11,9 +11,13 @@ on every supported architecture); eager attention, which materialises every map,
 on the embedded model (bench/bench_vstep.py).
 
 drift = Σ_layers max_heads ( A_post[l, h, last, s] − A_pre[l, h, last, s] ), with s the subject's last token.
+
+`patched_attention` runs eager attention with the probabilities of chosen layers and batch rows replaced by given
+maps (the values stay the model's own): the paper's §3.4 patching, used by `evaluators.diagnosis`.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator, Sequence
@@ -59,8 +63,6 @@ def _rows_impl(base: str):
         if rec is not None and getattr(module, "layer_idx", None) is not None and module.layer_idx >= rec.first_layer:
             rec.record(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
         if base == "eager":  # each modeling file has its own eager function (GPT-J upcasts, Gemma soft-caps, ...)
-            import sys
-
             fn = sys.modules[type(module).__module__].eager_attention_forward
         else:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
@@ -159,3 +161,85 @@ def drift(pre: torch.Tensor, post: torch.Tensor) -> list[float]:
     if pre.numel() == 0:
         return []
     return (post - pre).max(dim=2).values.sum(dim=1).tolist()
+
+
+# ---- replacing attention probabilities (the paper's §3.4 patching; evaluators.diagnosis) ----
+PATCH_IMPL = "driftbench_patch_eager"
+_PATCH: ContextVar["dict | None"] = ContextVar("driftbench_attention_patch", default=None)
+
+
+def _patch_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The modeling file's eager attention; for the batch rows patched at this layer, probabilities replaced."""
+    fn = sys.modules[type(module).__module__].eager_attention_forward
+    out, w = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    patch = _PATCH.get()
+    layer = getattr(module, "layer_idx", None)
+    if patch is None or layer not in patch["rows"]:
+        return out, w
+    rows, src = patch["rows"][layer], patch["weights"][layer]  # [R], [H, T, T]
+    v = _repeat_kv(value[rows], query.shape[1])
+    t = v.shape[2]
+    patched = torch.matmul(src[None, :, :t, :t].to(v.dtype), v).transpose(1, 2)  # [R, T, H, D]
+    out = out.clone()
+    out[rows] = patched.reshape(out[rows].shape).to(out.dtype)
+    if w is not None:
+        w = w.clone()
+        w[rows] = src[None, :, :t, :t].to(w.dtype)
+    return out, w
+
+
+def _register_patch() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if PATCH_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(PATCH_IMPL, _patch_forward)
+        AttentionMaskInterface.register(PATCH_IMPL, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["eager"])
+    return PATCH_IMPL
+
+
+@contextmanager
+def patched_attention(model, weights: dict[int, torch.Tensor], rows: dict[int, Sequence[int]]) -> Iterator[None]:
+    """Forwards inside the block use ``weights[l]`` ([H, T, T]) as the attention probabilities of layer l for the
+    batch rows ``rows[l]``; every other row and layer runs eager attention unchanged."""
+    dev = next(model.parameters()).device
+    state = {"rows": {l: torch.as_tensor(list(r), dtype=torch.long, device=dev) for l, r in rows.items() if len(r)},
+             "weights": {l: w.to(dev) for l, w in weights.items()}}
+    token = _PATCH.set(state)
+    try:
+        with attention_implementation(model, _register_patch()):
+            yield
+    finally:
+        _PATCH.reset(token)
+
+
+# ---- attention probabilities without gradient (the paper's ROME-AWD ablation; editors.core) ----
+DETACH_IMPL = "driftbench_detached_eager"
+
+
+def _repeat_kv(value: torch.Tensor, n_heads: int) -> torch.Tensor:
+    n_rep = n_heads // value.shape[1]
+    return value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value  # query head h reads kv head h // n_rep
+
+
+def _detached_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The modeling file's eager attention, its output recomputed from probabilities that carry no gradient: the
+    values (and everything else) still do, so an optimisation can change *what* attention reads but not *where*."""
+    fn = sys.modules[type(module).__module__].eager_attention_forward
+    out, w = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    v = _repeat_kv(value, query.shape[1])
+    detached = torch.matmul(w.detach().to(v.dtype), v).transpose(1, 2)  # [B, T, H, D]
+    return detached.reshape(out.shape).to(out.dtype).contiguous(), w
+
+
+@contextmanager
+def detached_attention(model) -> Iterator[None]:
+    """Every forward inside the block runs eager attention whose probabilities are constants for backward."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if DETACH_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(DETACH_IMPL, _detached_forward)
+        AttentionMaskInterface.register(DETACH_IMPL, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["eager"])
+    with attention_implementation(model, DETACH_IMPL):
+        yield

@@ -55,3 +55,30 @@ def test_last_token_attention_matches_eager(tiny_model_dirs):
         s = [j for j, (a, b) in enumerate(tok(t, return_offsets_mapping=True)["offset_mapping"]) if a <= e - 1 < b][0]
         want = torch.stack([a[i, :, len(rows[i]) - 1, s] for a in maps])
         assert (got[i] - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gptj", "llama"])
+def test_detached_attention_same_output_no_gradient_through_the_probabilities(tiny_model_dirs, arch):
+    """ROME-AWD's attention: the forward equals eager attention's; backward reaches the value projection but not
+    the query/key projections (they shape only the probabilities)."""
+    from model_layer.arch import arch_for, get_module
+    from model_layer.attention import detached_attention
+
+    model, tok = load_model(str(tiny_model_dirs[arch]))
+    model.requires_grad_(True)  # loaded frozen
+    ids = torch.tensor([tok(TEXTS[0])["input_ids"]])
+    with torch.no_grad(), eager_attention(model):
+        want = model(input_ids=ids, use_cache=False).logits
+    with detached_attention(model):
+        got = model(input_ids=ids, use_cache=False).logits
+    assert (got - want).abs().max().item() < 1e-5
+    attn = get_module(model, arch_for(model).layer("attn", 1))
+    q = next(m for n, m in attn.named_modules() if n in ("q_proj", "q_proj.linear"))
+    v = next(m for n, m in attn.named_modules() if n in ("v_proj", "v_proj.linear"))
+    got[0, -1].logsumexp(-1).backward()
+    assert v.weight.grad is not None and v.weight.grad.abs().sum() > 0
+    assert q.weight.grad is None or q.weight.grad.abs().sum() == 0
+    model.zero_grad(set_to_none=True)
+    with eager_attention(model):  # without it, the query projection does get a gradient
+        model(input_ids=ids, use_cache=False).logits[0, -1].logsumexp(-1).backward()
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0

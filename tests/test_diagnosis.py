@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from evaluators.diagnosis import (GROUPS, KINDS, Prompt, factors, forward_maps, module_outputs, patch_curve,
-                                  patched_attention, substitution, token_groups)
+                                  substitution, token_groups)
+from model_layer.attention import patched_attention
 from model_layer.arch import arch_for
 from model_layer.loading import load_model
 
@@ -96,28 +97,43 @@ def test_substitution_of_nothing_or_of_the_same_outputs_is_the_unedited_pass(tin
 def test_run_diagnosis_on_a_finetune_cell(tiny_model_dirs):
     from evaluators.diagnosis import run_diagnosis, summarise
     from evaluators.harness import CellSpec
+    from data_pipeline.schema import Case, Probe
     from model_layer.checksum import param_checksum
     from test_more_editors import ft_hparams
     from test_rome_sadr import CASES
 
+    rich = Case(case_id="cf-d", source="counterfact", subject="Danielle Darrieux",
+                prompt="The mother tongue of Danielle Darrieux is", target_true="French", target_new="English",
+                neighborhood=(Probe("The mother tongue of Léon Blum is", "French"), Probe("Paris is in", "France")),
+                relation=(Probe("Danielle Darrieux was born in", "Bordeaux"), Probe("No subject here", "x"),
+                          Probe("Danielle Darrieux speaks", "French")))
+    cases = [rich] + CASES
     model, tok = load_model(str(tiny_model_dirs["llama"]))
     ck = param_checksum(model)
     spec = CellSpec("test", "tiny", "ft", True, ft_hparams(num_steps=3, sadr_steps=3))
-    out = run_diagnosis(model, tok, spec, CASES, {"cases": 2, "prompts": 1, "window": 2}, progress=False)
+    out = run_diagnosis(model, tok, spec, cases, {"cases": 2, "prompts": 1, "window": 2}, progress=False)
     assert param_checksum(model) == ck  # restored
-    assert [c["case_id"] for c in out["cases"]] == [c.case_id for c in CASES[:2]]
+    assert [c["case_id"] for c in out["cases"]] == [c.case_id for c in cases[:2]]
     n_layers = arch_for(model).n_layers(model.config)
     for c in out["cases"]:
         assert c["weight_change"]["norm"] > 0
+        for task in ("DNS", "RS"):  # substitution on the first prompt of each task (prompts: 1), the rest without
+            subs = [p["substitution"] is not None for p in c["prompts"] if p["task"] == task]
+            assert subs[:1] == [True] * min(1, len(subs)) and not any(subs[1:])
         for p in c["prompts"]:
             assert p["task"] in ("DNS", "RS") and 0 < p["p_edit"] < 1
             assert len(p["patch"]["p_true"]) == n_layers + 1
             # the edited model with no patch (x = 0) gives the post-edit first-token probability
             assert p["patch"]["p_true"][0] == pytest.approx(p["first_token"]["post"][0], abs=1e-5)
+    # every DNS prompt and every RS prompt that contains the subject (2 + 2 of the first case)
+    assert [p["task"] for p in out["cases"][0]["prompts"]] == ["DNS", "DNS", "RS", "RS"]
     s = out["summary"]
     assert s == summarise(out["cases"])
-    for t in s["tasks"].values():
+    for task, t in s["tasks"].items():
         assert set(t["rho"]) == {"kl", "f1", "f2", "f3"}
+        assert t["n"] == sum(p["task"] == task for c in out["cases"] for p in c["prompts"])
+        assert t["n_substitution"] == sum(p["task"] == task and p["substitution"] is not None
+                                          for c in out["cases"] for p in c["prompts"])
         assert len(t["substitution_d_true"]) == len(KINDS) and len(t["substitution_d_true"][0]) == n_layers
 
 

@@ -395,7 +395,8 @@ def test_two_shards_at_once_merge_to_the_single_process_file(tmp_path, reference
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     work = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TEST_THREADS="1", TEST_DELAY_S="0.2")
+    # the CPU thread count is part of a row's fingerprint: the drivers run with the reference's
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TEST_THREADS=str(torch.get_num_threads()), TEST_DELAY_S="0.2")
     procs = [subprocess.Popen([sys.executable, str(driver), str(model_dir), str(data.cases_path), str(work),
                                data.content_id], env=dict(env, TEST_SHARD=f"{i}/2"), cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]

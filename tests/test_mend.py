@@ -187,3 +187,15 @@ def test_the_checkpoint_name_covers_the_training_set(tmp_path):
     b = MendHparams.from_dict(dict(base, train_cases=training_id(CASES[1:6])))
     assert a.checkpoint_path(None) != b.checkpoint_path(None)
     assert a.checkpoint_path(None).parent.name == "mend" and a.checkpoint_path({"gamma": 1.0}).parent.name == "mend+sadr"
+
+
+def test_a_cell_names_only_the_checkpoint_it_loads(tmp_path):
+    """artefacts(): the plain checkpoint for a mend cell, the +SADR one for mend+sadr (the harness passes the flag),
+    both for the stats/prepare callers that give no flag — so retraining one never changes the other's fingerprint."""
+    editor = get_editor("mend")
+    hp = mend_hparams(tmp_path)
+    plain = [a.path for a in editor.artefacts(None, None, dict(hp, sadr=False))]
+    sadr = [a.path for a in editor.artefacts(None, None, dict(hp, sadr=True))]
+    both = [a.path for a in editor.artefacts(None, None, hp)]
+    assert len(plain) == len(sadr) == 1 and plain != sadr and both == plain + sadr
+    assert "/mend/" in plain[0] and "/mend+sadr/" in sadr[0]

@@ -254,3 +254,32 @@ def test_prepare_model_checks_the_weights_sha256_before_replacing(tiny_model_dir
         prepare_model(src, out, expect_sha256={"weights": "0" * 64})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _temp_leftovers(tmp_path, out.name) == []
+
+
+def test_tensor_digest_sees_every_bit_on_any_shape():
+    """0-dim, odd byte counts, 2-byte dtypes; one flipped bit anywhere changes the digest; equal bits, equal digest."""
+    from model_layer.checksum import tensor_digest
+
+    g = torch.Generator().manual_seed(0)
+    for t in (torch.tensor(3.5), torch.randn(7, generator=g).to(torch.bfloat16), torch.randn(3, 5, generator=g),
+              torch.arange(5, dtype=torch.uint8), torch.randn(2, 3, generator=g)[:, 1]):
+        d = tensor_digest(t)
+        assert d == tensor_digest(t.clone()) and 0 <= d < 2 ** 64
+        raw = t.contiguous().reshape(-1).view(torch.uint8).clone()
+        for i in range(raw.numel()):
+            for bit in (0, 7):
+                flipped = raw.clone()
+                flipped[i] ^= 1 << bit
+                assert tensor_digest(flipped.view(t.dtype).reshape(t.shape)) != d
+    assert tensor_digest(torch.zeros(0)) == 0
+
+
+def test_model_state_with_a_zero_dim_buffer():
+    """A module with a 0-dim buffer (Gemma-3 keeps its embedding scale as one) is checksummed like any other."""
+    from model_layer.checksum import model_state
+
+    m = torch.nn.Linear(3, 2)
+    m.register_buffer("scale", torch.tensor(2.0))
+    before = model_state(m)
+    m.scale.add_(2.0 ** -22)  # the last bit of 2.0's mantissa
+    assert model_state(m) != before

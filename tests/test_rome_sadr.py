@@ -240,3 +240,28 @@ def test_prefix_cache_gives_the_same_v_star(tiny_model_dirs, arch):
             assert (a - b).norm() <= 1e-4 * moved, (where, len(extras), float((a - b).norm() / moved))
             if arch == "gemma3" and where == "mlp":  # only blocks below L replayed: the same tensors, bit-identical
                 assert torch.equal(a, b)
+
+
+def test_rome_awd_edits_without_gradient_through_attention_and_refuses_sadr(tiny_model_dirs, mirror, tmp_path):
+    """detach_attention (the paper's ROME-AWD): the edit still succeeds, its v* differs from plain ROME's (the
+    gradient through the attention probabilities is gone), and a +sadr cell with it is refused up front."""
+    from basis.errors import UserError
+    from evaluators.harness import CellSpec, prepare_cell
+
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    ck = param_checksum(model)
+    first_new = target_ids(tok, TINY_CASE.prompt, TINY_CASE.target_new)[0]
+    p_before = next_token_logits(model, tok, TINY_CASE.prompt).softmax(-1)[first_new].item()
+    vs = {}
+    for awd in (False, True):
+        h = Rome().edit(model, tok, TINY_CASE, tiny_hparams(mirror, tmp_path, detach_attention=awd))
+        after = next_token_logits(model, tok, TINY_CASE.prompt).softmax(-1)[first_new].item()
+        assert after > 10 * p_before
+        w = model.get_submodule(arch_for(model).layer("mlp_out", 1)).weight.detach().clone()
+        vs[awd] = w
+        h.restore()
+        assert param_checksum(model) == ck
+    assert not torch.equal(vs[False], vs[True])
+    with pytest.raises(UserError, match="detach_attention"):
+        prepare_cell(model, tok, CellSpec("t", "tiny", "rome", True, tiny_hparams(mirror, tmp_path,
+                                                                                  detach_attention=True)))

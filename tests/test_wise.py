@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from basis.cells import Mode
 from editors.base import EditContext
 from editors.registry import get_editor
 from editors.wise import SideMemory, WiseHparams, ties_merge
@@ -214,6 +215,13 @@ def test_a_refused_or_failed_edit_leaves_nothing_behind(tiny_model_dirs, mirror,
         ed.apply(model, tok, [CASES[1]], wise_hparams(mirror, n_iter=2, sadr_steps=2), ctx)
     ctx.restore_all()
     assert model_state(model) == before
+    # ... and the harness refuses such a cell before anything runs
+    from basis.errors import UserError
+    from evaluators.harness import CellSpec, prepare_cell
+
+    with pytest.raises(UserError, match="cannot run SADR in a stream"):
+        prepare_cell(None, None, CellSpec("t", "tiny", "wise", True, wise_hparams(mirror), mode=Mode("seq", 4)))
+
     def broken(self, out, main_out):
         raise RuntimeError("boom")
 

@@ -166,16 +166,18 @@ def _dataset_identity(params, card_path=None, cases_path=None, need_card=True):
     return card, {card["version"]: card["content_id"]}, cases
 
 
-def _profile_cases(params, cases_path=None) -> dict[str, set] | None:
+def _profile_cases(params, cases_path=None, cases=None) -> dict[str, set] | None:
     """Each profile's full case set (its subset file when built, else its seeded stratified subset of the dataset;
-    all cases when subset_size is 0): what a submission of that profile must cover. None without the dataset."""
+    all cases when subset_size is 0): what a submission of that profile must cover. None without the dataset.
+    ``cases``: the dataset's cases when the caller has loaded them already."""
     from data_pipeline.dataset import load_cases
     from data_pipeline.subset import stratified_subset
 
-    path = Path(cases_path) if cases_path else Path(params["data"]["out"]) / "cases.jsonl"
-    if not path.is_file():
-        return None
-    cases = load_cases(path)
+    if cases is None:
+        path = Path(cases_path) if cases_path else Path(params["data"]["out"]) / "cases.jsonl"
+        if not path.is_file():
+            return None
+        cases = load_cases(path)
     out = {}
     for name in params.get("profiles") or {}:
         profile = get_profile(params, name)

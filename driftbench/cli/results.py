@@ -45,7 +45,9 @@ def cmd_leaderboard(args, params):
                             "(or pass --allow-missing)")
         files += [f for f in wanted if f.is_file()]
         if args.cells == "all":  # the optional cells (pipelines/editors/dvc.yaml) that have been run
-            extra = [profile.cell_path(m, c) for m in profile.models for c in profile.raw.get("extra_cells", [])]
+            defaults = set(_cell_names(profile, "default"))
+            extra = [profile.cell_path(m, c) for m in profile.models for c in _cell_names(profile, "all")
+                     if c not in defaults]
             files += [f for f in extra if f.is_file()]
             if not args.quiet and len(files) < len(wanted) + len(extra):
                 print(f"{len(wanted) + len(extra) - len(files)} optional cell(s) not run yet: "
@@ -156,12 +158,14 @@ def cmd_plan(args, params):
 
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
         count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
-    ids = (_profile_cases(params) or {}).get(profile.name)
-    if ids is None:
-        raise UserError(f"{params['data']['out']}/cases.jsonl not found: build the dataset first (`dvc repro dataset`)")
     from data_pipeline.dataset import load_cases
 
-    works = [case_work(c, count) for c in load_cases(Path(params["data"]["out"]) / "cases.jsonl") if c.case_id in ids]
+    path = Path(params["data"]["out"]) / "cases.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found: build the dataset first (`dvc repro dataset`)")
+    cases = load_cases(path)
+    ids = _profile_cases(params, cases=cases)[profile.name]
+    works = [case_work(c, count) for c in cases if c.case_id in ids]
     costs = []
     for name, m in profile.models.items():
         if name not in MODEL_FACTS:

@@ -60,29 +60,62 @@ def cell_spec(params, profile, name: str, cell: str):
     return spec
 
 
+def _cell_job(params, profile_name: str, model: str | None, cell: str, limit: int, threads: int | None = None):
+    """The harness job of one cell as `run-cell` builds it (model loaded here): what each Ray worker calls."""
+    from evaluators.harness import cell_job, none_job
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    profile = get_profile(params, profile_name)
+    name, _ = profile.model(model)
+    spec = cell_spec(params, profile, name, cell)
+    cases = _subset_cases(params, profile)[: limit or None]
+    pre = profile.pre_path(name)
+    if limit and not pre.is_file():
+        pre = _limited(profile, name, pre, limit)
+    if spec.editor == "none":
+        return none_job(spec, cases, pre)
+    content_id, ppl = _card(params)["content_id"], _ppl_corpus(params)
+    name, model_obj, tok = _load(profile, model)
+    return cell_job(model_obj, tok, spec, content_id, cases, pre, batch_size=int(profile.raw.get("batch_size", 32)),
+                    model_id=_model_id(profile, name), ppl_corpus=ppl)
+
+
 def cmd_run_cell(args, params):
-    from evaluators.harness import run_cell, run_none
+    from evaluators.harness import run_job
 
     profile = get_profile(params, args.profile)
     name, _ = profile.model(args.model)
     spec = cell_spec(params, profile, name, args.cell)  # everything a user can get wrong, before the model loads
     shard = parse_shard(args.shard)
-    cases = _subset_cases(params, profile)[: args.limit or None]
     out = _limited(profile, name, profile.cell_path(name, args.cell), args.limit)
-    pre = profile.pre_path(name)
-    if args.limit and not pre.is_file():
-        pre = _limited(profile, name, pre, args.limit)
     parts = _parts(profile, name, f"cells/{args.cell}.jsonl")
-    if spec.editor == "none":  # post = pre: no model needed
-        rows = run_none(spec, cases, pre, out, progress=not args.no_progress, parts=parts, shard=shard,
-                        expect_fingerprint=args.fingerprint)
-        return _report(spec.cell_id, rows, out)
-    content_id, ppl = _card(params)["content_id"], _ppl_corpus(params)
-    name, model, tok = _load(profile, args.model)
-    rows = run_cell(model, tok, spec, content_id, cases, pre, out, ppl_corpus=ppl,
-                    batch_size=int(profile.raw.get("batch_size", 32)), verify_restore=args.verify_restore,
-                    progress=not args.no_progress, model_id=_model_id(profile, name), parts=parts, shard=shard,
-                    expect_fingerprint=args.fingerprint)
+    if args.backend == "ray":
+        if args.shard or args.fingerprint:
+            raise UserError("--shard and --fingerprint are for the local backend; --backend ray plans and shards "
+                            "the cell itself")
+        if args.workers < 1:
+            raise UserError(f"--workers {args.workers}: expected at least 1")
+        import functools
+
+        from evaluators.cluster import run_on_ray
+        from evaluators.harness import worker_identity
+
+        if profile.raw.get("device") == "cuda":
+            resources = {"num_gpus": 1}
+        else:
+            resources = {"num_cpus": args.threads or 1}
+        build = functools.partial(_cell_job, params, profile.name, args.model, args.cell, args.limit, args.threads)
+        res = run_on_ray(build, worker_identity(spec.editor), spec.editor, out, parts, workers=args.workers,
+                         address=args.address, resources=resources, threads=args.threads,
+                         progress=not args.no_progress, desc=spec.cell_id)
+        print(f"{spec.cell_id}: ray backend, {args.workers} workers, {res['ran']} units run now, "
+              f"{res['restarts']} worker restarts")
+        return _report(spec.cell_id, res["rows"], out)
+    job = _cell_job(params, profile.name, args.model, args.cell, args.limit)
+    rows = run_job(job, out, parts, shard, not args.no_progress, args.fingerprint)
     _report(spec.cell_id, rows, out)
 
 
@@ -235,6 +268,14 @@ def register(sub, add, with_profile) -> None:
                     "the last to finish merges the output")
     rc.add_argument("--fingerprint", default=None, metavar="FP", help="refuse to run unless this worker's "
                     "fingerprint is FP (the driver's; catches workers with other code, packages or data)")
+    rc.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="local: units run in this process (default); ray: on a pool of Ray actors, each loading the "
+                    "model once (evaluators/cluster.py; needs the `ray` extra); the cell file is byte-identical")
+    rc.add_argument("--workers", type=int, default=2, help="ray: number of actors (one GPU each on a cuda profile, "
+                    "else --threads CPUs each; default 2)")
+    rc.add_argument("--address", default=None, help="ray: join this cluster ('auto', or ray://HOST:10001); default: "
+                    "start a local one")
+    rc.add_argument("--threads", type=int, default=None, help="ray: torch threads per CPU actor (default: torch's)")
     rc.add_argument("--verify-restore", action="store_true",
                     help="kept for scripts: the check is always on (after every case, stream or batch, parameters, "
                     "buffers, module tree, hooks and editor state are compared with the unedited model's)")
