@@ -7,6 +7,7 @@ import functools
 import json
 
 import pytest
+import ray  # the `ray` extra is in the lock: `make install` installs it
 
 from evaluators import runner
 from evaluators.harness import CellSpec, ROOT, parts_root, run_cell, run_pre, worker_identity
@@ -14,7 +15,6 @@ from model_layer.loading import load_model
 from test_more_editors import ft_hparams
 from test_rome_sadr import CASES, TINY_CASE
 
-ray = pytest.importorskip("ray")  # in the lock (extra `ray`); skipped only where the extra is not installed
 
 CELL_CASES = CASES + [TINY_CASE]
 SPEC = CellSpec("test", "tiny", "ft", True, ft_hparams(num_steps=3, sadr_steps=3))
@@ -31,11 +31,15 @@ def local(tiny_model_dirs, tmp_path_factory):
     """The local backend's files (pre rows and the cell) — what every Ray run must reproduce byte for byte."""
     import torch
 
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("local")
-    model, tok = load_model(str(tiny_model_dirs["llama"]))
-    run_pre(model, tok, "tiny", "test", CELL_CASES, d / "pre.jsonl", progress=False)
-    run_cell(model, tok, SPEC, "test", CELL_CASES, d / "pre.jsonl", d / "cell.jsonl", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' count (part of the fingerprint); put back for the tests after this one
+    try:
+        d = tmp_path_factory.mktemp("local")
+        model, tok = load_model(str(tiny_model_dirs["llama"]))
+        run_pre(model, tok, "tiny", "test", CELL_CASES, d / "pre.jsonl", progress=False)
+        run_cell(model, tok, SPEC, "test", CELL_CASES, d / "pre.jsonl", d / "cell.jsonl", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return d
 
 
