@@ -14,6 +14,7 @@ from editors.base import Editor, as_v2
 
 # name -> "module:Class" (imported only when asked for) or the class itself
 _BUILTINS: dict[str, Any] = {"none": "editors.none:NoEdit", "rome": "editors.rome:Rome", "memit": "editors.memit:Memit",
+                             "rome_awd": "editors.rome_awd:RomeAWD",
                              "alphaedit": "editors.alphaedit:AlphaEdit", "pmet": "editors.pmet:Pmet",
                              "ft": "editors.ft:FineTune", "intattn": "editors.intattn:IntAttn", "mend": "editors.mend:Mend",
                              "wise": "editors.wise:Wise"}

@@ -9,6 +9,12 @@
   token's attention to the subject's last token, `evaluators.drift`, stored in each row) against P(o_edit) after the
   edit; Pearson ρ with its two-sided p-value (t with n − 2 degrees of freedom), per task and cell.
 
+- **Easy vs hard edits** (Table 5, with the ROME-AWD ablation): the cases split at the median of the unedited
+  model's margin for the true object on the edit prompt, m = mean-token log P(o_true) − mean-token log P(o_edit)
+  (pre-edit row, rewrite probe): the edits the optimiser must push hardest are the "hard" half. The paper does not
+  say how it splits (our inference, written here and in the README); the margin is what the v* loss must overturn.
+  Per half and cell: the accuracies (paper protocol, 95% CIs) and the mean attention drift.
+
 The substitution, patching and other factors (§3.2, §3.4, factors 2–3) need forward passes of the edited model and
 are not computed from rows.
 """
@@ -20,7 +26,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from data_pipeline.schema import Case
-from evaluators.metrics import _pairs, mean_ci
+from evaluators.metrics import _pairs, drift_summary, mean_ci, score_cell
 
 TASKS = {"RS": "relation", "DNS": "neighborhood_distracted"}
 PAPER_TABLE1 = {"model": "GPT-J-6B", "editor": "ROME", "task": "DNS", "p_edit_post": 0.484, "p_edit_pre": 0.033}
@@ -105,6 +111,78 @@ def drift_vs_failure(rows: list[Mapping], cases: Mapping[str, Case]) -> dict[str
         for task, p in drift_points(row, case).items():
             pts[task].extend(p)
     return {task: dict(pearson([a for a, _ in p], [b for _, b in p]), points=p) for task, p in pts.items() if p}
+
+
+EASY_HARD_METRICS = ("ES", "PS", "NS", "RS", "DNS")
+
+
+def edit_margin(row: Mapping) -> float:
+    """The unedited model's preference for the true object on the edit prompt: mean-token log P(o_true) minus
+    mean-token log P(o_edit), from the row's pre-edit rewrite probe (one prompt)."""
+    probe = (row.get("pre") or {}).get("rewrite")
+    if not probe:
+        raise ValueError(f"case_id {row.get('case_id')!r}: no pre.rewrite probe to measure the edit's difficulty")
+    lp_new, n_new = _pairs(row, "pre.rewrite.right", probe["right"])
+    lp_true, n_true = _pairs(row, "pre.rewrite.wrong", probe["wrong"])
+    if len(lp_new) != 1 or len(lp_true) != 1:
+        raise ValueError(f"case_id {row.get('case_id')!r}: pre.rewrite must hold exactly one prompt")
+    return lp_true[0] / n_true[0] - lp_new[0] / n_new[0]
+
+
+def easy_hard(cells: Mapping[str, list[Mapping]]) -> dict[str, Any]:
+    """Table 5: every cell's rows split into the same easy and hard halves (by `edit_margin`, median split over the
+    cases all the cells share; a case at the median goes to the easy half), scored per half. The cells must hold
+    the same cases with the same pre-edit margins (they share the unedited model), else ValueError."""
+    if not cells:
+        return {}
+    margins: dict[str, float] = {}
+    for cell, rows in cells.items():
+        mine = {r["case_id"]: edit_margin(r) for r in rows}
+        if not margins:
+            margins = mine
+        elif set(mine) != set(margins) or any(abs(mine[c] - margins[c]) > 1e-6 for c in mine):
+            raise ValueError(f"cell {cell!r}: its cases or their pre-edit margins differ from the other cells'; "
+                             "compare cells run on the same cases and model")
+    median = float(np.median(list(margins.values())))
+    half = {c: ("hard" if m > median else "easy") for c, m in margins.items()}
+    out: dict[str, Any] = {"median_margin": median, "split": half, "cells": {}}
+    for cell, rows in cells.items():
+        res = {}
+        for name in ("easy", "hard"):
+            part = [r for r in rows if half[r["case_id"]] == name]
+            sc = score_cell(part, "post", "paper")
+            res[name] = {"n_cases": len(part), **{m: sc[m] for m in EASY_HARD_METRICS}, **drift_summary(part)}
+        out["cells"][cell] = res
+    return out
+
+
+def plot_easy_hard(result: Mapping[str, Any], path) -> None:
+    """DNS and RS (paper protocol, 95% CI bars) per cell, easy and hard halves side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(result.get("cells") or {})
+    if not cells:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    width = 0.8 / len(cells)
+    for ax, metric in zip(axes, ("DNS", "RS", "drift_DNS")):
+        for i, cell in enumerate(cells):
+            vals, errs = [], []
+            for name in ("easy", "hard"):
+                m = result["cells"][cell][name].get(metric) or {}
+                scale = 1 if metric.startswith("drift") else 100
+                vals.append((m.get("mean") or 0.0) * scale)
+                errs.append((m.get("ci95") or 0.0) * scale)
+            ax.bar([j + i * width for j in range(2)], vals, width, yerr=errs, capsize=2, label=cell)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(2)], ["easy", "hard"])
+        ax.set_title(metric if metric.startswith("drift") else f"{metric} (%)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(results: Mapping[str, Mapping[str, Any]], path) -> None:

@@ -21,6 +21,8 @@ class DiagnosisPage:
     drift: list[dict] = field(default_factory=list)  # ρ of factor 1 from the rows
     factors: list[dict] = field(default_factory=list)  # ρ of every factor (diagnose)
     settings: dict = field(default_factory=dict)
+    easy_hard: list[dict] = field(default_factory=list)  # Table 5 rows (driftbench ablation)
+    easy_hard_note: str = ""
     figures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, source file)
     paper: dict = field(default_factory=dict)
 
@@ -78,6 +80,21 @@ def read_page(profile: str, model: str, results_dir: Path) -> DiagnosisPage | No
         if png.is_file():
             page.figures.append((f"{cell}: contaminating substitution (Fig. 3) and attention patching (Fig. 5)",
                                  png))
+    ablation = results_dir / "ablation" / "easy_hard.json"
+    if ablation.is_file():
+        a = json.loads(ablation.read_text(encoding="utf-8"))
+        n_hard = sum(1 for h in a.get("split", {}).values() if h == "hard")
+        page.easy_hard_note = (f"median pre-edit margin {a['median_margin']:.3f}; {len(a['split']) - n_hard} easy, "
+                               f"{n_hard} hard cases")
+        for cell, halves in a.get("cells", {}).items():
+            for name, r in halves.items():
+                page.easy_hard.append({"cell": cell, "half": name, "n": r.get("n_cases"), "values": [
+                    "n/a" if r[m]["mean"] is None else f"{100 * r[m]['mean']:.1f} ± {100 * (r[m]['ci95'] or 0):.1f}"
+                    for m in ("ES", "PS", "NS", "RS", "DNS")] + [
+                    _num((r.get(k) or {}).get("mean"), ".2f") for k in ("drift_DNS", "drift_RS")]})
+        if ablation.with_suffix(".png").is_file():
+            page.figures.append(("Easy vs hard edits: ROME, ROME-AWD, SADR and the steps control (Table 5)",
+                                 ablation.with_suffix(".png")))
     trace = results_dir / "causal_trace.png"
     if trace.is_file():
         page.figures.append(("Causal trace of the unedited model (where the edit layer was chosen)", trace))

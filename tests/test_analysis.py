@@ -7,7 +7,7 @@ import math
 import pytest
 
 from data_pipeline.schema import Case, Probe
-from evaluators.analysis import calibration, drift_points, drift_vs_failure, pearson
+from evaluators.analysis import calibration, drift_points, drift_vs_failure, easy_hard, edit_margin, pearson
 
 
 def test_pearson_equals_a_hand_computation():
@@ -58,3 +58,33 @@ def test_drift_points_follow_the_prompts_that_carry_the_subject():
     bad = {**ROW, "editor": {"diagnostics": {"attn_drift": {"relation": [0.5]}}}}
     with pytest.raises(ValueError, match="RS drift"):
         drift_points(bad, CASE)
+
+
+def _ab_row(case_id, p_new, p_true, es_after, drift):
+    """A row whose edit prompt has pre-edit P(o_edit) p_new, P(o_true) p_true, and whose edit succeeds iff es_after."""
+    post_new, post_true = (0.9, 0.1) if es_after else (0.1, 0.9)
+    return {"case_id": case_id, "cell": "t/m/x",
+            "pre": {"rewrite": {"right": pairs((p_new, 1)), "wrong": pairs((p_true, 2))}},
+            "post": {"rewrite": {"right": pairs((post_new, 1)), "wrong": pairs((post_true, 1))}},
+            "editor": {"diagnostics": {"attn_drift": {"neighborhood_distracted": [drift], "relation": []}}}}
+
+
+def test_easy_hard_splits_at_the_median_margin_and_scores_each_half():
+    """Table 5: margin = mean-token log P(o_true) − log P(o_edit) before the edit; the cases above the median are the
+    hard half, the same for every cell; each half is scored on its own (here ES and the drift, by hand)."""
+    margins = {f"c{i}": None for i in range(4)}
+    rows = [_ab_row("c0", 0.5, 0.1, True, 1.0), _ab_row("c1", 0.1, 0.5, False, 3.0),
+            _ab_row("c2", 0.4, 0.2, True, 2.0), _ab_row("c3", 0.01, 0.9, False, 5.0)]
+    for r in rows:
+        margins[r["case_id"]] = edit_margin(r)
+    assert margins["c1"] == pytest.approx(math.log(0.5) - math.log(0.1))  # per-token means (2 tokens on the true side)
+    other = [dict(r, post={"rewrite": {"right": pairs((0.9, 1)), "wrong": pairs((0.1, 1))}}) for r in rows]
+    res = easy_hard({"rome": rows, "rome_awd": other})
+    assert res["split"] == {"c0": "easy", "c2": "easy", "c1": "hard", "c3": "hard"}
+    assert res["median_margin"] == pytest.approx((margins["c2"] + margins["c1"]) / 2)
+    rome = res["cells"]["rome"]
+    assert rome["easy"]["ES"]["mean"] == 1.0 and rome["hard"]["ES"]["mean"] == 0.0
+    assert rome["easy"]["n_cases"] == 2 and rome["hard"]["drift_DNS"]["mean"] == pytest.approx(4.0)
+    assert res["cells"]["rome_awd"]["hard"]["ES"]["mean"] == 1.0
+    with pytest.raises(ValueError, match="differ"):  # cells on other cases are not comparable
+        easy_hard({"rome": rows, "rome_awd": rows[:3]})

@@ -353,6 +353,10 @@ def test_the_extra_editors_pipeline_runs_exactly_the_profiles_extra_cells_with_e
     listed = [d.rsplit("/", 1)[1][: -len(".jsonl")] for d in summary["deps"]
               if d.startswith("results/embedded/smollm2-135m/cells/")]
     assert listed == raw["cells"] + raw["extra_cells"]
+    ablation = stages.pop("ablation")  # Table 5 from the rows of the ROME cells, ROME-AWD's among them
+    assert ablation["cmd"] == "driftbench ablation -p embedded"
+    assert {f"results/embedded/smollm2-135m/cells/{c}.jsonl" for c in ("rome", "rome_awd", "rome+sadr", "rome+steps")} \
+        <= set(ablation["deps"])
     training = stages.pop("train_mend")  # MEND's checkpoints, one stage each, the cells depend on both folders
     assert sorted(training["foreach"]) == ["mend", "mend+sadr"]
     assert training["do"]["cmd"].startswith("driftbench train-mend -p embedded ${item.flag}")

@@ -159,6 +159,12 @@ def test_site_diagnosis_page_shows_the_numbers_and_figures(tmp_path):
     (res / "diagnosis" / "rome.json").write_text(json.dumps({"settings": {"cases": 3, "prompts": 2, "window": 5},
         "summary": {"tasks": {"DNS": {"n": 9, "rho": {"kl": rho, "f1": rho, "f2": rho, "f3": rho}}}}}))
     (res / "diagnosis" / "rome.png").write_bytes(b"\x89PNG fake")
+    (res / "ablation").mkdir()  # Table 5 from `driftbench ablation`
+    half = {"n_cases": 8, **{m: {"mean": 0.5, "ci95": 0.25, "n": 8} for m in ("ES", "PS", "NS", "RS")},
+            "DNS": {"mean": 0.125, "ci95": 0.0625, "n": 30}, "drift_DNS": {"mean": 1.234, "ci95": 0.1, "n": 30}}
+    (res / "ablation" / "easy_hard.json").write_text(json.dumps({
+        "median_margin": 1.5, "split": {"a": "easy", "b": "hard"},
+        "cells": {"rome_awd": {"easy": half, "hard": dict(half, n_cases=7)}}}))
     assert read_page("embedded", "m", tmp_path / "nothing") is None
     page = read_page("embedded", "m", res)
     out = tmp_path / "site"
@@ -169,5 +175,6 @@ def test_site_diagnosis_page_shows_the_numbers_and_figures(tmp_path):
     html = (out / page.href).read_text(encoding="utf-8")
     assert "0.241 ± 0.050" in html and "0.43 (p 0.0006, n 60)" in html and "0.78 (p 0.01, n 9)" in html
     assert "paper: ROME on GPT-J-6B" in html and "0.484" in html
+    assert "Table 5" in html and "rome_awd" in html and "12.5 ± 6.2" in html and "1.23" in html and "1 easy, 1 hard" in html
     figs = sorted((out / "diagnosis").glob("*.png"))
     assert len(figs) == 1 and figs[0].read_bytes() == b"\x89PNG fake" and figs[0].name in html

@@ -262,6 +262,15 @@ def test_rome_awd_edits_without_gradient_through_attention_and_refuses_sadr(tiny
         h.restore()
         assert param_checksum(model) == ck
     assert not torch.equal(vs[False], vs[True])
+    # the rome_awd editor (the optional cell) is exactly ROME with detach_attention on: the same written weight
+    from editors.registry import get_editor
+    awd = get_editor("rome_awd")
+    h = awd.edit(model, tok, TINY_CASE, tiny_hparams(mirror, tmp_path))
+    assert torch.equal(model.get_submodule(arch_for(model).layer("mlp_out", 1)).weight, vs[True])
+    h.restore()
+    assert param_checksum(model) == ck
+    with pytest.raises(UserError, match="detach_attention"):
+        prepare_cell(model, tok, CellSpec("t", "tiny", "rome_awd", True, tiny_hparams(mirror, tmp_path)))
     with pytest.raises(UserError, match="detach_attention"):
         prepare_cell(model, tok, CellSpec("t", "tiny", "rome", True, tiny_hparams(mirror, tmp_path,
                                                                                   detach_attention=True)))

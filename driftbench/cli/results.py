@@ -224,6 +224,51 @@ def cmd_analyse(args, params):
         print(f"\nwrote {out}/analysis.json, analysis.md, drift_failure.png")
 
 
+def cmd_ablation(args, params):
+    """Table 5: the cells split into the same easy and hard edits (evaluators.analysis.easy_hard), per model, as
+    JSON, a markdown table and a bar plot (results/<profile>/<model>/ablation/)."""
+    import json
+
+    from basis.io import atomic_write_text, read_jsonl
+    from evaluators.analysis import EASY_HARD_METRICS, easy_hard, plot_easy_hard
+
+    profile = get_profile(params, args.profile)
+    cells = args.cell or ["rome", "rome_awd", "rome+sadr", "rome+steps"]
+    for cell in cells:
+        parse_cell(cell)
+    for model in profile.models:
+        paths = {c: profile.cell_path(model, c) for c in cells}
+        missing = [str(p) for c, p in paths.items() if not p.is_file() and (args.cell or c in ("rome", "rome_awd"))]
+        if missing:
+            raise UserError(f"missing result files {missing}: run their `driftbench run-cell` stages first "
+                            "(rome_awd: `dvc repro pipelines/editors/dvc.yaml:rome_awd@rome_awd`)")
+        rows = {c: list(read_jsonl(p)) for c, p in paths.items() if p.is_file()}
+        try:
+            result = easy_hard(rows)
+        except ValueError as e:
+            raise UserError(f"{profile.results_dir(model)}: {e}") from None
+        out = profile.results_dir(model) / "ablation"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "easy_hard.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
+        n_hard = sum(1 for h in result["split"].values() if h == "hard")
+        lines = [f"Easy vs hard edits (Table 5): median pre-edit margin log P(o_true) − log P(o_edit) on the edit "
+                 f"prompt {result['median_margin']:.3f}; {len(result['split']) - n_hard} easy, {n_hard} hard cases. "
+                 "Paper protocol, % with 95% CI; drift = factor 1.", "",
+                 "| cell | half | " + " | ".join(EASY_HARD_METRICS) + " | drift DNS | drift RS |",
+                 "|---|---|" + "---:|" * (len(EASY_HARD_METRICS) + 2)]
+        for cell, halves in result["cells"].items():
+            for name, r in halves.items():
+                vals = [f"{100 * r[m]['mean']:.1f} ({100 * (r[m]['ci95'] or 0):.1f})" if r[m]["mean"] is not None
+                        else "—" for m in EASY_HARD_METRICS]
+                drift = [f"{r[k]['mean']:.2f} ({r[k]['ci95'] or 0:.2f})" if r.get(k, {}).get("mean") is not None
+                         else "—" for k in ("drift_DNS", "drift_RS")]
+                lines.append(f"| {cell} | {name} | " + " | ".join(vals + drift) + " |")
+        atomic_write_text(out / "easy_hard.md", "\n".join(lines) + "\n")
+        plot_easy_hard(result, out / "easy_hard.png")
+        print("\n".join(lines))
+        print(f"\nwrote {out}/easy_hard.json, easy_hard.md, easy_hard.png")
+
+
 def cmd_diagnose(args, params):
     """The diagnosis that needs the edited model (evaluators.diagnosis): drift factors and KL against P(o_edit)
     (Table 2), edit size (Table 4), contaminating substitution (Fig. 3) and attention patching (Fig. 5), per cell."""
@@ -385,6 +430,15 @@ def register(sub, add, with_profile) -> None:
     dg.add_argument("--cases", type=int, default=0, help="only the first N cases, written under results/<profile>/<model>/smoke/diagnosis "
                     "(default: diagnosis.cases, written to the results)")
     dg.set_defaults(func=cmd_diagnose)
+
+    ab = with_profile(add(sub, "ablation", "Table 5: ROME against ROME-AWD (attention-weight optimisation disabled), "
+                          "SADR and the steps-matched control on the same easy and hard halves of the cases (split at "
+                          "the median of the unedited model's margin for the true object on the edit prompt), from "
+                          "result rows (results/<profile>/<model>/ablation/)"), model=False)
+    ab.add_argument("-c", "--cell", action="append", default=[],
+                    help="cell to include (repeatable, all required; default: rome, rome_awd and, where run, "
+                    "rome+sadr and rome+steps)")
+    ab.set_defaults(func=cmd_ablation)
 
     pl = with_profile(add(sub, "plan", "estimate what a profile's grid costs before running it: edits, TFLOP and "
                           "seconds per edit, device-hours, memory per worker and wall time on N devices (a FLOP and "
