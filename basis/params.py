@@ -75,6 +75,20 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return params
 
 
+# How `run-cell` executes a profile's cells when its flags do not say (profiles.<p>.runner): which backend, how many
+# Ray workers, which cluster (null: a local one) and torch threads per CPU worker. None of it changes a result byte,
+# so no DVC stage lists it as a parameter (changing the backend reruns nothing).
+RUNNER_DEFAULTS: dict[str, Any] = {"backend": "local", "workers": 2, "address": None, "threads": None}
+
+
+def runner_settings(profile: "Profile", **flags: Any) -> dict[str, Any]:
+    """The runner settings: each flag given (not None) over the profile's ``runner`` field (checked by
+    `check_profile`) over the default."""
+    got = {**RUNNER_DEFAULTS, **(profile.raw.get("runner") or {})}
+    got.update({k: v for k, v in flags.items() if v is not None})
+    return got
+
+
 def get_profile(params: dict[str, Any], name: str) -> Profile:
     profiles = params.get("profiles", {})
     if name not in profiles:
@@ -123,6 +137,19 @@ def check_profile(profile: "Profile") -> None:
         parse_cell(c, f"{where}.extra_cells[{i}]")
     if len(set(extra)) != len(extra) or set(extra) & set(cells):
         raise UserError(f"{where}.extra_cells lists a cell twice or one of {where}.cells")
+    runner = raw.get("runner")
+    if runner is not None:
+        if not isinstance(runner, dict) or set(runner) - set(RUNNER_DEFAULTS):
+            raise UserError(f"{where}.runner must be a mapping with keys among {sorted(RUNNER_DEFAULTS)}")
+        if runner.get("backend", "local") not in ("local", "ray"):
+            raise UserError(f"{where}.runner.backend must be 'local' or 'ray', got {runner['backend']!r}")
+        for key in ("workers", "threads"):
+            v = runner.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise UserError(f"{where}.runner.{key} must be an integer >= 1, got {v!r}")
+        if runner.get("address") is not None and (not isinstance(runner["address"], str) or not runner["address"]):
+            raise UserError(f"{where}.runner.address must be a Ray address ('auto', ray://HOST:10001) or null, "
+                            f"got {runner['address']!r}")
     hp = raw.get("hparams")
     if hp is not None and not (isinstance(hp, dict) and all(isinstance(v, dict) and all(isinstance(e, dict) or e is None
                                                                                           for e in v.values())

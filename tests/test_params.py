@@ -89,6 +89,29 @@ def test_run_dtype_is_checked_and_defaults_to_the_stored_dtype():
             get_profile(params, "embedded")
 
 
+def test_runner_settings_come_from_flags_then_the_profile_then_defaults_and_are_checked():
+    """profiles.<p>.runner (how run-cell and the paper pipeline execute cells): the paper profile names 8 workers;
+    a flag overrides its field; a bad field is refused by name before anything runs."""
+    import copy
+
+    import pytest
+
+    from basis.errors import UserError
+    from basis.params import get_profile, runner_settings
+
+    paper = get_profile(PARAMS, "paper")
+    assert runner_settings(paper) == {"backend": "local", "workers": 8, "address": None, "threads": None}
+    assert runner_settings(paper, backend="ray", address="auto", workers=None)["workers"] == 8
+    assert runner_settings(paper, backend="ray", address="auto")["address"] == "auto"
+    assert runner_settings(get_profile(PARAMS, "embedded"))["backend"] == "local"  # no runner section: defaults
+    for bad, field in (({"backend": "slurm"}, "runner.backend"), ({"workers": 0}, "runner.workers"),
+                       ({"address": ""}, "runner.address"), ({"gpus": 2}, "runner must be")):
+        params = copy.deepcopy(PARAMS)
+        params["profiles"]["paper"]["runner"] = bad
+        with pytest.raises(UserError, match=field):
+            get_profile(params, "paper")
+
+
 def test_paper_values_of_the_next_editors_follow_their_sources():
     hp = PARAMS["profiles"]["paper"]["hparams"]
     pmet = {m: PmetHparams.from_dict(e["pmet"]) for m, e in hp.items()}

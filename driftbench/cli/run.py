@@ -5,7 +5,7 @@ from pathlib import Path
 
 from basis.errors import UserError
 from basis.cells import parse_cell
-from basis.params import get_profile
+from basis.params import get_profile, runner_settings
 from evaluators.runner import parse_shard
 from driftbench.cli.common import _card, _hparams, _limited, _load, _model_id, _ppl_corpus, _subset_cases
 
@@ -92,6 +92,9 @@ def cmd_run_cell(args, params):
     shard = parse_shard(args.shard)
     out = _limited(profile, name, profile.cell_path(name, args.cell), args.limit)
     parts = _parts(profile, name, f"cells/{args.cell}.jsonl")
+    keys = ("backend", "workers", "address", "threads")  # flags over the profile's runner section over defaults
+    for key, value in runner_settings(profile, **{k: getattr(args, k) for k in keys}).items():
+        setattr(args, key, value)
     if args.backend == "ray":
         if args.shard or args.fingerprint:
             raise UserError("--shard and --fingerprint are for the local backend; --backend ray plans and shards "
@@ -268,14 +271,16 @@ def register(sub, add, with_profile) -> None:
                     "the last to finish merges the output")
     rc.add_argument("--fingerprint", default=None, metavar="FP", help="refuse to run unless this worker's "
                     "fingerprint is FP (the driver's; catches workers with other code, packages or data)")
-    rc.add_argument("--backend", choices=("local", "ray"), default="local",
-                    help="local: units run in this process (default); ray: on a pool of Ray actors, each loading the "
-                    "model once (evaluators/cluster.py; needs the `ray` extra); the cell file is byte-identical")
-    rc.add_argument("--workers", type=int, default=2, help="ray: number of actors (one GPU each on a cuda profile, "
-                    "else --threads CPUs each; default 2)")
+    rc.add_argument("--backend", choices=("local", "ray"), default=None,
+                    help="local: units run in this process; ray: on a pool of Ray actors, each loading the model once "
+                    "(evaluators/cluster.py; needs the `ray` extra); the cell file is byte-identical "
+                    "(default: the profile's runner.backend in params.yaml, else local)")
+    rc.add_argument("--workers", type=int, default=None, help="ray: number of actors (one GPU each on a cuda profile, "
+                    "else --threads CPUs each; default: the profile's runner.workers, else 2)")
     rc.add_argument("--address", default=None, help="ray: join this cluster ('auto', or ray://HOST:10001); default: "
-                    "start a local one")
-    rc.add_argument("--threads", type=int, default=None, help="ray: torch threads per CPU actor (default: torch's)")
+                    "the profile's runner.address, else start a local one")
+    rc.add_argument("--threads", type=int, default=None, help="ray: torch threads per CPU actor (default: the "
+                    "profile's runner.threads, else torch's)")
     rc.add_argument("--verify-restore", action="store_true",
                     help="kept for scripts: the check is always on (after every case, stream or batch, parameters, "
                     "buffers, module tree, hooks and editor state are compared with the unedited model's)")
