@@ -53,44 +53,50 @@ def _ray(local, tiny_model_dirs, out, **kw):
                       desc="test", pythonpath=f"{ROOT}:{ROOT / 'tests'}", **kw)
 
 
-def test_two_workers_merge_the_local_backends_bytes(cluster, local, tiny_model_dirs, tmp_path):
-    out = tmp_path / "cell.jsonl"
-    res = _ray(local, tiny_model_dirs, out)
-    assert res["ran"] == len(CELL_CASES) and res["restarts"] == 0
-    assert out.read_bytes() == (local / "cell.jsonl").read_bytes()
-    timings = [json.loads(x) for x in out.with_name("cell.timings.jsonl").read_text().splitlines()]
-    assert [t["case_id"] for t in timings] == [c.case_id for c in CELL_CASES]
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(cluster, local, tiny_model_dirs, tmp_path_factory):
+    """One scenario, two Ray runs (each run starts two actors, the suite's dearest step): the driver is interrupted
+    after one stored unit; the rerun resumes, and one of its workers is killed after its first result, while a unit
+    is still to be sent (so the dead worker is found whether it was busy or idle)."""
+    out = tmp_path_factory.mktemp("ray") / "cell.jsonl"
 
+    def stop(ev):
+        if ev["done"] == 1:
+            raise KeyboardInterrupt
 
-def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_duplicated(cluster, local, tiny_model_dirs, tmp_path):
-    out = tmp_path / "cell.jsonl"
+    assert len(CELL_CASES) >= 4  # the rerun must have a unit left to send after its first result
+    with pytest.raises(KeyboardInterrupt):
+        _ray(local, tiny_model_dirs, out, on_result=stop)
+    file_after_interrupt = out.exists()
     killed = []
 
     def kill_one(ev):
-        if not killed:  # after the first stored unit, kill a worker (busy or idle)
+        if not killed:  # after the rerun's first stored unit, kill a worker (busy or idle)
             killed.append(ev["actors"][0])
             ray.kill(ev["actors"][0], no_restart=True)
 
     res = _ray(local, tiny_model_dirs, out, on_result=kill_one)
-    assert killed and res["restarts"] == 1
+    return {"out": out, "res": res, "killed": killed, "file_after_interrupt": file_after_interrupt}
+
+
+def test_two_workers_merge_the_local_backends_bytes(interrupted_then_resumed, local):
+    out = interrupted_then_resumed["out"]
     assert out.read_bytes() == (local / "cell.jsonl").read_bytes()  # every case once, in plan order
-    store = runner.PartStore(parts_root(out), res["fingerprint"])
-    assert len(list(store.dir.glob("*.json"))) == len(CELL_CASES)
+    timings = [json.loads(x) for x in out.with_name("cell.timings.jsonl").read_text().splitlines()]
+    assert [t["case_id"] for t in timings] == [c.case_id for c in CELL_CASES]
 
 
-def test_an_interrupted_driver_resumes_from_its_parts(cluster, local, tiny_model_dirs, tmp_path):
-    out = tmp_path / "cell.jsonl"
+def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_duplicated(interrupted_then_resumed):
+    res = interrupted_then_resumed["res"]
+    assert interrupted_then_resumed["killed"] and res["restarts"] == 1
+    store = runner.PartStore(parts_root(interrupted_then_resumed["out"]), res["fingerprint"])
+    assert len(list(store.dir.glob("*.json"))) == len(CELL_CASES)  # one part per unit: none lost, none twice
 
-    def stop(ev):
-        if ev["done"] == 2:
-            raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        _ray(local, tiny_model_dirs, out, on_result=stop)
-    assert not out.exists()
-    res = _ray(local, tiny_model_dirs, out)
-    assert res["ran"] == len(CELL_CASES) - 2  # the two stored units are not computed again
-    assert out.read_bytes() == (local / "cell.jsonl").read_bytes()
+def test_an_interrupted_driver_resumes_from_its_parts(interrupted_then_resumed):
+    assert not interrupted_then_resumed["file_after_interrupt"]  # an interrupted driver merges nothing
+    # the unit stored before the interrupt is not computed again (a killed worker's unit is, once)
+    assert interrupted_then_resumed["res"]["ran"] == len(CELL_CASES) - 1
 
 
 def test_a_worker_with_other_code_is_refused(cluster, local, tiny_model_dirs, tmp_path):
