@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the hyper-parameters of SADR's ablations (§6.1: selected heads vs every head; Table 10: γ)
+ABLATION_KEYS = {"sadr_hinge", "sadr_gamma"}
+ACCURACIES, DRIFTS = ("ES", "PS", "NS", "RS", "DNS"), ("drift_DNS", "drift_RS")  # the ablation tables' columns
 FACTORS = (("kl", "Σ KL(A_pre ‖ A_post)"), ("f1", "factor 1"), ("f2", "factor 2"), ("f3", "factor 3"))
 
 
@@ -23,6 +26,8 @@ class DiagnosisPage:
     settings: dict = field(default_factory=dict)
     easy_hard: list[dict] = field(default_factory=list)  # Table 5 rows (driftbench ablation)
     easy_hard_note: str = ""
+    sadr_ablation: list[dict] = field(default_factory=list)  # held-out sweep rows of SADR's head selection and γ
+    sadr_ablation_cases: int = 0
     figures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, source file)
     paper: dict = field(default_factory=dict)
 
@@ -33,6 +38,13 @@ class DiagnosisPage:
 
 def _num(x, fmt=".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
+
+
+def _pct(m: dict | None) -> str:
+    """A share with its 95% CI as "12.5 ± 6.2" (percent), "n/a" when there is none."""
+    if not m or m.get("mean") is None:
+        return "n/a"
+    return f"{100 * m['mean']:.1f} ± {100 * (m.get('ci95') or 0):.1f}"
 
 
 def _rho(r: dict | None) -> str:
@@ -88,13 +100,25 @@ def read_page(profile: str, model: str, results_dir: Path) -> DiagnosisPage | No
                                f"{n_hard} hard cases")
         for cell, halves in a.get("cells", {}).items():
             for name, r in halves.items():
-                page.easy_hard.append({"cell": cell, "half": name, "n": r.get("n_cases"), "values": [
-                    "n/a" if r[m]["mean"] is None else f"{100 * r[m]['mean']:.1f} ± {100 * (r[m]['ci95'] or 0):.1f}"
-                    for m in ("ES", "PS", "NS", "RS", "DNS")] + [
-                    _num((r.get(k) or {}).get("mean"), ".2f") for k in ("drift_DNS", "drift_RS")]})
+                page.easy_hard.append({"cell": cell, "half": name, "n": r.get("n_cases"),
+                                       "values": [_pct(r.get(m)) for m in ACCURACIES]
+                                       + [_num((r.get(k) or {}).get("mean"), ".2f") for k in DRIFTS]})
         if ablation.with_suffix(".png").is_file():
             page.figures.append(("Easy vs hard edits: ROME, ROME-AWD, SADR and the steps control (Table 5)",
                                  ablation.with_suffix(".png")))
+    sweep = results_dir / "sweep" / "sweep.json"
+    if sweep.is_file():  # §6.1 head selection and Table 10's γ: the rome+sadr configurations of the held-out sweep
+        sw = json.loads(sweep.read_text(encoding="utf-8"))
+        for name, c in sw.get("configs", {}).items():
+            over = name.partition("@")[2]
+            keys = {kv.partition("=")[0] for kv in over.split(",") if kv}
+            if name.partition("@")[0] != "rome+sadr" or not keys <= ABLATION_KEYS:
+                continue
+            sc, dr = c.get("scores", {}), c.get("drift", {})
+            page.sadr_ablation.append({"config": name, "values": [_pct(sc.get(m)) for m in ACCURACIES]
+                                       + [_num((dr.get(k) or {}).get("mean"), ".2f") for k in DRIFTS]})
+            page.sadr_ablation_cases = sw.get("n_cases", 0)
+        page.sadr_ablation.sort(key=lambda r: r["config"])
     trace = results_dir / "causal_trace.png"
     if trace.is_file():
         page.figures.append(("Causal trace of the unedited model (where the edit layer was chosen)", trace))

@@ -165,6 +165,11 @@ def test_site_diagnosis_page_shows_the_numbers_and_figures(tmp_path):
     (res / "ablation" / "easy_hard.json").write_text(json.dumps({
         "median_margin": 1.5, "split": {"a": "easy", "b": "hard"},
         "cells": {"rome_awd": {"easy": half, "hard": dict(half, n_cases=7)}}}))
+    (res / "sweep").mkdir()  # the held-out sweep: SADR's head-selection and γ rows are shown, other editors' not
+    cfg = {"scores": {"ES": {"mean": 1.0, "ci95": 0.0}, "DNS": {"mean": 0.0606, "ci95": 0.08}},
+           "drift": {"drift_DNS": {"mean": 0.4321}}}
+    (res / "sweep" / "sweep.json").write_text(json.dumps({"n_cases": 8, "configs": {
+        "rome+sadr": cfg, "rome+sadr@sadr_hinge=False": cfg, "rome@layer=1": cfg, "rome+sadr@layer=2": cfg}}))
     assert read_page("embedded", "m", tmp_path / "nothing") is None
     page = read_page("embedded", "m", res)
     out = tmp_path / "site"
@@ -175,6 +180,9 @@ def test_site_diagnosis_page_shows_the_numbers_and_figures(tmp_path):
     html = (out / page.href).read_text(encoding="utf-8")
     assert "0.241 ± 0.050" in html and "0.43 (p 0.0006, n 60)" in html and "0.78 (p 0.01, n 9)" in html
     assert "paper: ROME on GPT-J-6B" in html and "0.484" in html
-    assert "Table 5" in html and "rome_awd" in html and "12.5 ± 6.2" in html and "1.23" in html and "1 easy, 1 hard" in html
+    assert "rome+sadr@sadr_hinge=False" in html and "0.43" in html and "6.1 ± 8.0" in html
+    assert "rome@layer=1" not in html and "rome+sadr@layer=2" not in html
+    assert "Table 5" in html and "rome_awd" in html and "12.5 ± 6.2" in html and "1.23" in html
+    assert "1 easy, 1 hard" in html
     figs = sorted((out / "diagnosis").glob("*.png"))
     assert len(figs) == 1 and figs[0].read_bytes() == b"\x89PNG fake" and figs[0].name in html
