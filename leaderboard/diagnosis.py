@@ -104,7 +104,7 @@ def read_page(profile: str, model: str, results_dir: Path) -> DiagnosisPage | No
                                        "values": [_pct(r.get(m)) for m in ACCURACIES]
                                        + [_num((r.get(k) or {}).get("mean"), ".2f") for k in DRIFTS]})
         if ablation.with_suffix(".png").is_file():
-            page.figures.append(("Easy vs hard edits: ROME, ROME-AWD, SADR and the steps control (Table 5)",
+            page.figures.append(("Easy vs hard edits: ROME, ROME-AWD and ROME+SADR (Table 5)",
                                  ablation.with_suffix(".png")))
     sweep = results_dir / "sweep" / "sweep.json"
     if sweep.is_file():  # §6.1 head selection and Table 10's γ: the rome+sadr configurations of the held-out sweep

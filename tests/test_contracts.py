@@ -355,7 +355,7 @@ def test_the_extra_editors_pipeline_runs_exactly_the_profiles_extra_cells_with_e
     assert listed == raw["cells"] + raw["extra_cells"]
     ablation = stages.pop("ablation")  # Table 5 from the rows of the ROME cells, ROME-AWD's among them
     assert ablation["cmd"] == "driftbench ablation -p embedded"
-    assert {f"results/embedded/smollm2-135m/cells/{c}.jsonl" for c in ("rome", "rome_awd", "rome+sadr", "rome+steps")} \
+    assert {f"results/embedded/smollm2-135m/cells/{c}.jsonl" for c in ("rome", "rome_awd", "rome+sadr")} \
         <= set(ablation["deps"])
     training = stages.pop("train_mend")  # MEND's checkpoints, one stage each, the cells depend on both folders
     assert sorted(training["foreach"]) == ["mend", "mend+sadr"]
