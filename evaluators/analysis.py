@@ -157,7 +157,7 @@ def easy_hard(cells: Mapping[str, list[Mapping]]) -> dict[str, Any]:
 
 
 def plot_easy_hard(result: Mapping[str, Any], path) -> None:
-    """DNS and RS (paper protocol, 95% CI bars) per cell, easy and hard halves side by side."""
+    """ES, DNS and RS (paper protocol, 95% CI bars) and the DNS drift per cell, easy and hard halves side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,9 +166,9 @@ def plot_easy_hard(result: Mapping[str, Any], path) -> None:
     cells = list(result.get("cells") or {})
     if not cells:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
     width = 0.8 / len(cells)
-    for ax, metric in zip(axes, ("DNS", "RS", "drift_DNS")):
+    for ax, metric in zip(axes, ("ES", "DNS", "RS", "drift_DNS")):
         for i, cell in enumerate(cells):
             vals, errs = [], []
             for name in ("easy", "hard"):
