@@ -357,6 +357,10 @@ def test_the_extra_editors_pipeline_runs_exactly_the_profiles_extra_cells_with_e
     assert ablation["cmd"] == "driftbench ablation -p embedded"
     assert {f"results/embedded/smollm2-135m/cells/{c}.jsonl" for c in ("rome", "rome_awd", "rome+sadr")} \
         <= set(ablation["deps"])
+    sweeps = stages.pop("sadr_ablation")  # §6.1 / Table 10 on held-out cases: every config it writes is an output
+    outs = [next(iter(o)) for o in sweeps["outs"]]
+    assert outs == [f"results/embedded/smollm2-135m/sweep/{n}.jsonl" for n in (
+        "rome+sadr", "rome+sadr@sadr_hinge=False", "rome+sadr@sadr_gamma=0.01", "rome+sadr@sadr_gamma=0.08")]
     training = stages.pop("train_mend")  # MEND's checkpoints, one stage each, the cells depend on both folders
     assert sorted(training["foreach"]) == ["mend", "mend+sadr"]
     assert training["do"]["cmd"].startswith("driftbench train-mend -p embedded ${item.flag}")
