@@ -3,6 +3,7 @@ probabilities, and the alignment of drift values with RS/DNS prompts."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,33 @@ def test_easy_hard_splits_at_the_median_margin_and_scores_each_half():
     assert res["cells"]["rome_awd"]["hard"]["ES"]["mean"] == 1.0
     with pytest.raises(ValueError, match="differ"):  # cells on other cases are not comparable
         easy_hard({"rome": rows, "rome_awd": rows[:3]})
+
+
+def test_ablation_command_writes_table5_and_refuses_a_missing_cell_in_one_line(tmp_path, monkeypatch, capsys):
+    """`driftbench ablation`: the three cells' rows → easy_hard.{json,md,png}; a missing cell file is exit 2, one
+    line naming it, before anything is written."""
+    import json
+
+    import yaml
+
+    from driftbench.cli import main
+
+    real = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(real))
+    monkeypatch.chdir(tmp_path)
+    cells = tmp_path / "results" / "embedded" / "smollm2-135m" / "cells"
+    cells.mkdir(parents=True)
+    rows = [_ab_row("c0", 0.5, 0.1, True, 1.0), _ab_row("c1", 0.1, 0.5, False, 3.0)]
+    for cell in ("rome", "rome_awd"):
+        (cells / f"{cell}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["ablation"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rome+sadr.jsonl" in err[0]
+    assert not (tmp_path / "results" / "embedded" / "smollm2-135m" / "ablation").exists()
+    (cells / "rome+sadr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["ablation"]) == 0
+    out = tmp_path / "results" / "embedded" / "smollm2-135m" / "ablation"
+    res = json.loads((out / "easy_hard.json").read_text())
+    assert res["split"] == {"c0": "easy", "c1": "hard"} and set(res["cells"]) == {"rome", "rome_awd", "rome+sadr"}
+    assert "| rome_awd | hard | 0.0 (0.0) |" in (out / "easy_hard.md").read_text()
+    assert (out / "easy_hard.png").stat().st_size > 0
