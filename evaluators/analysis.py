@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from data_pipeline.schema import Case
-from evaluators.metrics import _pairs, drift_summary, mean_ci, score_cell
+from evaluators.metrics import AVG_S_METRICS, _pairs, drift_summary, mean_ci, score_cell
 
 TASKS = {"RS": "relation", "DNS": "neighborhood_distracted"}
 PAPER_TABLE1 = {"model": "GPT-J-6B", "editor": "ROME", "task": "DNS", "p_edit_post": 0.484, "p_edit_pre": 0.033}
@@ -113,7 +113,7 @@ def drift_vs_failure(rows: list[Mapping], cases: Mapping[str, Case]) -> dict[str
     return {task: dict(pearson([a for a, _ in p], [b for _, b in p]), points=p) for task, p in pts.items() if p}
 
 
-EASY_HARD_METRICS = ("ES", "PS", "NS", "RS", "DNS")
+EASY_HARD_METRICS = AVG_S_METRICS  # the five accuracies, per half
 
 
 def edit_margin(row: Mapping) -> float:

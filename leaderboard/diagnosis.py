@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluators.metrics import AVG_S_METRICS, DRIFT_KEYS
+
 # the hyper-parameters of SADR's ablations (§6.1: selected heads vs every head; Table 10: γ)
 ABLATION_KEYS = {"sadr_hinge", "sadr_gamma"}
-ACCURACIES, DRIFTS = ("ES", "PS", "NS", "RS", "DNS"), ("drift_DNS", "drift_RS")  # the ablation tables' columns
+ACCURACIES, DRIFTS = AVG_S_METRICS, tuple(DRIFT_KEYS)  # the ablation tables' columns
 FACTORS = (("kl", "Σ KL(A_pre ‖ A_post)"), ("f1", "factor 1"), ("f2", "factor 2"), ("f3", "factor 3"))
 
 
