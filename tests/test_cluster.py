@@ -49,7 +49,8 @@ def _ray(local, tiny_model_dirs, out, **kw):
     build = functools.partial(__import__("cluster_jobs").tiny_cell_job, str(tiny_model_dirs["llama"]), SPEC,
                               CELL_CASES, str(local / "pre.jsonl"))
     kw.setdefault("identity", worker_identity("ft"))
-    return run_on_ray(build, editor="ft", out_path=out, parts=parts_root(out), workers=2, progress=False,
+    kw.setdefault("workers", 2)
+    return run_on_ray(build, editor="ft", out_path=out, parts=parts_root(out), progress=False,
                       desc="test", pythonpath=f"{ROOT}:{ROOT / 'tests'}", **kw)
 
 
@@ -104,5 +105,5 @@ def test_a_worker_with_other_code_is_refused(cluster, local, tiny_model_dirs, tm
 
     wrong = dict(worker_identity("ft"), code="0" * 16)
     with pytest.raises(UserError, match=r"refused: its code [0-9a-f]{16} \(driver: 0{16}\) differ"):
-        _ray(local, tiny_model_dirs, tmp_path / "cell.jsonl", identity=wrong)
+        _ray(local, tiny_model_dirs, tmp_path / "cell.jsonl", identity=wrong, workers=1)  # one actor says it
     assert not (tmp_path / "cell.jsonl").exists()
