@@ -57,6 +57,7 @@ from editors.core import Hparams, _is_int, build_batch, generate_context_templat
 from model_layer.arch import arch_for
 from model_layer.attention import attention_rows
 from model_layer.batching import right_pad
+from model_layer.hooks import PrefixCache
 
 
 @dataclass
@@ -234,9 +235,10 @@ class Wise(Editor):
     hparams_cls = WiseHparams
     sadr_in_streams = False  # the side memory's routing hook is not reverted by EditContext.unedited
 
-    def __init__(self):
+    def __init__(self, prefix_cache: bool = True):
         self._templates: dict[tuple, list[str]] = {}
         self._lines: dict[str, list[str]] = {}
+        self.prefix_cache = prefix_cache  # same numbers either way (tested); off only to compare
 
     def unrelated_line(self, tok, hp: WiseHparams, case_id: str) -> list[int]:
         """An unrelated row for s_out: a WikiText line chosen by the case id, cut to ``loc_tokens`` tokens."""
@@ -307,19 +309,25 @@ class Wise(Editor):
         extras = ctx.extra_losses(first_layer=hp.layer + 1)
         steps = hp.sadr_steps if ctx.sadr_step_count else hp.n_iter
         opt = torch.optim.SGD([mem.side], lr=hp.edit_lr, weight_decay=hp.weight_decay)
+        # nothing below the side memory's block changes while editing: its blocks run once per input, then replay
+        arch = arch_for(model)
+        prefix = PrefixCache([model.get_submodule(arch.layer("block", i)) for i in range(hp.layer)]
+                             if self.prefix_cache else [])
         losses, prev, s_in = [], None, None
         mem.editing = True
         try:
             with only_grad(model, [mem.side]):
                 rows = torch.arange(n, device=dev)
                 for it in range(steps):
-                    with attention_rows(model, rows, batch.query_idx, hp.layer + 1) if extras else nullcontext({}) as att:
+                    with attention_rows(model, rows, batch.query_idx, hp.layer + 1) if extras else nullcontext({}) as att, \
+                            prefix("edit"):
                         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                     d_in = mem.last_dist
                     nll = torch.stack([-F.log_softmax(logits[i, batch.label_pos[i]].float(), -1)
                                        .gather(1, torch.tensor(batch.labels[: len(batch.label_pos[i])], device=dev)[:, None])
                                        .mean() for i in range(n)]).mean()
-                    model(input_ids=loc_ids, attention_mask=loc_mask, use_cache=False, logits_to_keep=1)
+                    with prefix("unrelated"):
+                        model(input_ids=loc_ids, attention_mask=loc_mask, use_cache=False, logits_to_keep=1)
                     s_in, s_out = _row_means(d_in, mask), _row_means(mem.last_dist, loc_mask)
                     margin = (_pos_mean(s_out - s_in + gamma) + _pos_mean(s_out - alpha) + _pos_mean(beta - s_in))
                     loss = nll + margin

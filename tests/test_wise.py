@@ -133,6 +133,37 @@ def test_wise_edits_through_its_side_memory_and_restores_exactly(arch, tiny_mode
     assert model_state(model) == before
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_blocks_below_the_side_memory_run_once_per_input_and_change_nothing(arch, tiny_model_dirs, mirror):
+    """The prefix cache (model_layer.hooks.PrefixCache): blocks 0..layer-1 run once for the edit rows and once for
+    the unrelated row, not at every step, and the side memory, losses and routing score are bit-identical to
+    running every block at every step (with SADR's term on, which records attention above the edit)."""
+    from editors.wise import Wise
+
+    model, tok = load_model(str(tiny_model_dirs[arch]))
+    name = arch_for(model).layer("mlp_out", 2)
+    mlp0 = model.get_submodule(arch_for(model).layer("mlp", 0))  # runs only when block 0 really computes
+    calls = []
+    hook = mlp0.register_forward_pre_hook(lambda *_: calls.append(1))
+    got = {}
+    try:
+        for cached in (True, False):
+            calls.clear()
+            hp = wise_hparams(mirror, n_iter=6, sadr_steps=6)
+            h = Wise(prefix_cache=cached).apply(model, tok, [CASES[0]], hp,
+                                                EditContext(model, {"gamma": 1.0, "hinge": False}))
+            got[cached] = (model.get_submodule(name).side.detach().clone(), h.diagnostics["final_loss"],
+                           h.diagnostics["score"], h.diagnostics["steps"], len(calls))
+            h.restore()
+    finally:
+        hook.remove()
+    (side_c, loss_c, score_c, steps, calls_c), (side_f, loss_f, score_f, steps_f, calls_f) = got[True], got[False]
+    assert steps == steps_f == 6 and torch.equal(side_c, side_f) and loss_c == loss_f and score_c == score_f
+    # uncached: 2 forwards per step (edit rows, unrelated row); cached: only the first step's (the rest of the count is
+    # the same in both: templates, SADR's unedited reference, the routing score)
+    assert calls_f - calls_c == 2 * (steps - 1), (calls_c, calls_f)
+
+
 def test_sadr_term_is_zero_at_gamma_zero_and_moves_the_side_memory_above(tiny_model_dirs, mirror):
     model, tok = load_model(str(tiny_model_dirs["llama"]))
     name = arch_for(model).layer("mlp_out", 2)
