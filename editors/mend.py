@@ -26,6 +26,7 @@ and one update; MEND+SADR differs only by its checkpoint. Its cells have no opti
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -221,9 +222,10 @@ def nll_at(logits: torch.Tensor, label_pos: list[int], labels: list[int]) -> tor
 
 
 def gradient_factors(model, names: list[str], ids: torch.Tensor, mask: torch.Tensor, label_pos: list[int],
-                     labels: list[int]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+                     labels: list[int], prefix=None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """(u, δ) per edited weight for one row's edit NLL (teacher forcing), and that NLL: u from a forward hook, δ as
-    the gradient of the NLL with respect to the module's output (the weights' own gradients are never formed)."""
+    the gradient of the NLL with respect to the module's output (the weights' own gradients are never formed).
+    ``prefix``: a context for this forward (training passes its `PrefixCache` entry for the edit row)."""
     modules = [n.rsplit(".", 1)[0] for n in names]
     ins: dict[str, torch.Tensor] = {}
     outs: dict[str, torch.Tensor] = {}
@@ -233,7 +235,7 @@ def gradient_factors(model, names: list[str], ids: torch.Tensor, mask: torch.Ten
             ins[key], outs[key] = inp[0].detach(), out
         hooks.append(model.get_submodule(mod_name).register_forward_hook(hook))
     try:
-        with torch.enable_grad(), _weights_in_graph(model, names):
+        with torch.enable_grad(), _weights_in_graph(model, names), prefix or contextlib.nullcontext():
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = nll_at(logits[0], label_pos, labels)
             grads = torch.autograd.grad(loss, [outs[m] for m in modules])

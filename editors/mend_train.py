@@ -35,7 +35,11 @@ from data_pipeline.schema import Case
 from editors.base import EditContext
 from editors.core import only_grad
 from editors.mend import MendHparams, MendNet, edit_row, edited_weights, gradient_factors, nll_at, save_checkpoint
+from model_layer.arch import arch_for
 from model_layer.attention import attention_rows
+from model_layer.hooks import PrefixCache
+
+PREFIX_CACHE = True  # replay the blocks below the edited layers (same bytes either way; tests compare)
 
 
 def training_cases(cases: list[Case], exclude: set[str], seed: int) -> list[Case]:
@@ -73,29 +77,35 @@ def outer_loss(model, tok, net: MendNet, hp: MendHparams, edit: Case, loc: Case,
     shapes = edited_weights(model, hp)
     names = list(shapes)
     batch, ids, mask, label_pos, labels = edit_row(tok, edit, dev)
-    factors, nll_pre = gradient_factors(model, names, ids, mask, label_pos, labels)
+    # the edit changes only blocks min(layers) and above: the blocks below run once per row (edit, locality) and
+    # the post-edit forwards replay them (bit-identical; PREFIX_CACHE = False runs them every time, for the test)
+    arch = arch_for(model)
+    prefix = PrefixCache([model.get_submodule(arch.layer("block", i)) for i in range(min(hp.layers))]
+                         if PREFIX_CACHE else [])
+    factors, nll_pre = gradient_factors(model, names, ids, mask, label_pos, labels, prefix("edit"))
     deltas = net.deltas(factors)
     params = dict(model.named_parameters())
     fast = {n: params[n] + deltas[n].to(params[n].dtype) for n in names}
     extras = EditContext(model, sadr).extra_losses(first_layer=min(hp.layers) + 1)
     rows = torch.zeros(1, dtype=torch.long, device=dev)
 
-    def run(weights, ids_, mask_, attn: bool):
-        if not attn:
-            return torch.func.functional_call(model, weights, (), dict(input_ids=ids_, attention_mask=mask_,
-                                                                      use_cache=False)).logits[0], None
-        with attention_rows(model, rows, batch.query_idx[:1], min(hp.layers) + 1) as att:
-            logits = torch.func.functional_call(model, weights, (), dict(input_ids=ids_, attention_mask=mask_,
-                                                                        use_cache=False)).logits[0]
-        return logits, dict(att)
+    def run(weights, ids_, mask_, attn: bool, key: str):
+        with prefix(key):
+            if not attn:
+                return torch.func.functional_call(model, weights, (), dict(input_ids=ids_, attention_mask=mask_,
+                                                                          use_cache=False)).logits[0], None
+            with attention_rows(model, rows, batch.query_idx[:1], min(hp.layers) + 1) as att:
+                logits = torch.func.functional_call(model, weights, (), dict(input_ids=ids_, attention_mask=mask_,
+                                                                            use_cache=False)).logits[0]
+            return logits, dict(att)
 
     with torch.no_grad():
         l_ids, l_mask, l_pos = locality_row(tok, loc, dev)
-        pre_loc = model(input_ids=l_ids, attention_mask=l_mask, use_cache=False).logits[0]
-        pre_att = run({}, ids, mask, True)[1] if extras else None
-    post, post_att = run(fast, ids, mask, bool(extras))
+        pre_loc = run({}, l_ids, l_mask, False, "loc")[0]
+        pre_att = run({}, ids, mask, True, "edit")[1] if extras else None
+    post, post_att = run(fast, ids, mask, bool(extras), "edit")
     l_edit = nll_at(post, label_pos, labels)
-    l_loc = kl_at(pre_loc, run(fast, l_ids, l_mask, False)[0], l_pos)
+    l_loc = kl_at(pre_loc, run(fast, l_ids, l_mask, False, "loc")[0], l_pos)
     loss = hp.cedit * l_edit + hp.cloc * l_loc
     parts = {"edit_nll_pre": nll_pre, "edit_nll": l_edit.item(), "loc_kl": l_loc.item()}
     one = dataclasses.replace(batch, n_rewrite=1)

@@ -112,6 +112,37 @@ def test_sadr_term_is_zero_at_gamma_zero_and_changes_the_checkpoint_above(tiny_m
     assert [r["edit_nll"] for r in plain["history"]] == [r["edit_nll"] for r in zero["history"]]
 
 
+@pytest.mark.parametrize("arch", ["gptj", "llama"])
+def test_replaying_the_blocks_below_the_edit_gives_the_same_checkpoint_bytes(arch, tiny_model_dirs, tmp_path,
+                                                                             monkeypatch):
+    """Training replays blocks 0..min(layers)−1 from the edit row's and the locality row's first forward
+    (model_layer.hooks.PrefixCache): the checkpoint is byte-identical to running them every time, SADR on."""
+    import editors.mend_train as mt
+
+    model, tok = load_model(str(tiny_model_dirs[arch]))
+    h = MendHparams.from_dict(mend_hparams(tmp_path, train_steps=8, layers=[2, 3]))
+    sadr = {"gamma": 1.0, "hinge": False}
+    from model_layer.arch import arch_for
+
+    calls = []  # block 0's MLP runs only when block 0 really computes
+    hook = model.get_submodule(arch_for(model).layer("mlp", 0)).register_forward_pre_hook(lambda *_: calls.append(1))
+    got, n_calls = {}, {}
+    try:
+        for cached in (True, False):
+            monkeypatch.setattr(mt, "PREFIX_CACHE", cached)
+            calls.clear()
+            out = tmp_path / f"{cached}.safetensors"
+            got[cached] = (train(model, tok, CASES, h, sadr, out)["history"], out.read_bytes())
+            n_calls[cached] = len(calls)
+    finally:
+        hook.remove()
+    assert got[True] == got[False]
+    assert any(r["sadr"] > 0 for r in got[True][0])
+    # per training edit: edit row, locality row, SADR's unedited rows, post-edit edit and locality rows = 5 forwards;
+    # replayed, only the first two compute
+    assert (n_calls[False], n_calls[True]) == (5 * 8, 2 * 8), n_calls
+
+
 def test_a_killed_training_resumes_to_the_same_bytes(tiny_model_dirs, tmp_path):
     model, tok = load_model(str(tiny_model_dirs["gpt_neox"]))
     h = MendHparams.from_dict(mend_hparams(tmp_path, train_steps=24, checkpoint_every=2))
