@@ -35,9 +35,8 @@ from data_pipeline.schema import Case
 from editors.base import EditContext
 from editors.core import only_grad
 from editors.mend import MendHparams, MendNet, edit_row, edited_weights, gradient_factors, nll_at, save_checkpoint
-from model_layer.arch import arch_for
+from editors.replay import PrefixCache
 from model_layer.attention import attention_rows
-from model_layer.hooks import PrefixCache
 
 PREFIX_CACHE = True  # replay the blocks below the edited layers (same bytes either way; tests compare)
 
@@ -79,9 +78,7 @@ def outer_loss(model, tok, net: MendNet, hp: MendHparams, edit: Case, loc: Case,
     batch, ids, mask, label_pos, labels = edit_row(tok, edit, dev)
     # the edit changes only blocks min(layers) and above: the blocks below run once per row (edit, locality) and
     # the post-edit forwards replay them (bit-identical; PREFIX_CACHE = False runs them every time, for the test)
-    arch = arch_for(model)
-    prefix = PrefixCache([model.get_submodule(arch.layer("block", i)) for i in range(min(hp.layers))]
-                         if PREFIX_CACHE else [])
+    prefix = PrefixCache.below(model, min(hp.layers), PREFIX_CACHE)
     factors, nll_pre = gradient_factors(model, names, ids, mask, label_pos, labels, prefix("edit"))
     deltas = net.deltas(factors)
     params = dict(model.named_parameters())

@@ -54,10 +54,10 @@ from torch import nn
 
 from editors.base import EditHandle, Editor, HparamsError
 from editors.core import Hparams, _is_int, build_batch, generate_context_templates, make_request, only_grad
+from editors.replay import PrefixCache
 from model_layer.arch import arch_for
 from model_layer.attention import attention_rows
 from model_layer.batching import right_pad
-from model_layer.hooks import PrefixCache
 
 
 @dataclass
@@ -240,6 +240,11 @@ class Wise(Editor):
         self._lines: dict[str, list[str]] = {}
         self.prefix_cache = prefix_cache  # same numbers either way (tested); off only to compare
 
+    def code_files(self):
+        from editors import replay
+
+        return super().code_files() + [replay.FILE]  # the side-memory loop replays the blocks below it
+
     def unrelated_line(self, tok, hp: WiseHparams, case_id: str) -> list[int]:
         """An unrelated row for s_out: a WikiText line chosen by the case id, cut to ``loc_tokens`` tokens."""
         if hp.stats_corpus not in self._lines:
@@ -310,9 +315,7 @@ class Wise(Editor):
         steps = hp.sadr_steps if ctx.sadr_step_count else hp.n_iter
         opt = torch.optim.SGD([mem.side], lr=hp.edit_lr, weight_decay=hp.weight_decay)
         # nothing below the side memory's block changes while editing: its blocks run once per input, then replay
-        arch = arch_for(model)
-        prefix = PrefixCache([model.get_submodule(arch.layer("block", i)) for i in range(hp.layer)]
-                             if self.prefix_cache else [])
+        prefix = PrefixCache.below(model, hp.layer, self.prefix_cache)
         losses, prev, s_in = [], None, None
         mem.editing = True
         try:

@@ -94,26 +94,3 @@ def replay_prefix(blocks: list[torch.nn.Module], output: torch.Tensor) -> Iterat
     finally:
         for b in blocks:
             del b.forward  # the class's forward again
-
-
-class PrefixCache:
-    """For a loop that changes nothing below block ``len(blocks)``: the first forward of each input (named by the
-    caller's ``key``) runs the blocks and keeps the last one's output; later forwards of that input replay it
-    (`replay_prefix`). Blocks that return tuples are never cached (the replay returns bare hidden states)."""
-
-    def __init__(self, blocks: list[torch.nn.Module]):
-        self.blocks = list(blocks)
-        self.out: dict[str, torch.Tensor] = {}
-
-    @contextmanager
-    def __call__(self, key: str) -> Iterator[None]:
-        if not self.blocks:
-            yield
-        elif key in self.out:
-            with replay_prefix(self.blocks, self.out[key]):
-                yield
-        else:
-            with capture(self.blocks[-1]) as cap:
-                yield
-            if cap and not cap["tuple"]:
-                self.out[key] = cap["out"]
