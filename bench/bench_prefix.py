@@ -30,6 +30,7 @@ def main() -> None:
     from driftbench.cli.common import _hparams, _load, _subset_cases
     from editors.base import EditContext
     from editors.wise import Wise
+    from model_layer.arch import arch_for
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     profile = get_profile(params, "embedded")
@@ -45,7 +46,7 @@ def main() -> None:
             t0 = time.perf_counter()
             handle = editor.apply(model, tok, [case], hp, EditContext(model))
             times[cached].append(time.perf_counter() - t0)
-            mem = model.get_submodule(f"model.layers.{hp['layer']}.mlp.down_proj")
+            mem = model.get_submodule(arch_for(model).layer("mlp_out", hp["layer"]))
             sides[cached], steps[cached] = mem.side.detach().clone(), handle.diagnostics["steps"]
             handle.restore()
     same = torch.equal(sides[True], sides[False])

@@ -116,14 +116,13 @@ def test_sadr_term_is_zero_at_gamma_zero_and_changes_the_checkpoint_above(tiny_m
 def test_replaying_the_blocks_below_the_edit_gives_the_same_checkpoint_bytes(arch, tiny_model_dirs, tmp_path,
                                                                              monkeypatch):
     """Training replays blocks 0..min(layers)−1 from the edit row's and the locality row's first forward
-    (model_layer.hooks.PrefixCache): the checkpoint is byte-identical to running them every time, SADR on."""
+    (editors/replay.py, PrefixCache): the checkpoint is byte-identical to running them every time, SADR on."""
     import editors.mend_train as mt
+    from model_layer.arch import arch_for
 
     model, tok = load_model(str(tiny_model_dirs[arch]))
     h = MendHparams.from_dict(mend_hparams(tmp_path, train_steps=8, layers=[2, 3]))
     sadr = {"gamma": 1.0, "hinge": False}
-    from model_layer.arch import arch_for
-
     calls = []  # block 0's MLP runs only when block 0 really computes
     hook = model.get_submodule(arch_for(model).layer("mlp", 0)).register_forward_pre_hook(lambda *_: calls.append(1))
     got, n_calls = {}, {}

@@ -135,7 +135,7 @@ def test_wise_edits_through_its_side_memory_and_restores_exactly(arch, tiny_mode
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_blocks_below_the_side_memory_run_once_per_input_and_change_nothing(arch, tiny_model_dirs, mirror):
-    """The prefix cache (model_layer.hooks.PrefixCache): blocks 0..layer-1 run once for the edit rows and once for
+    """The prefix cache (editors/replay.py, PrefixCache): blocks 0..layer-1 run once for the edit rows and once for
     the unrelated row, not at every step, and the side memory, losses and routing score are bit-identical to
     running every block at every step (with SADR's term on, which records attention above the edit)."""
     from editors.wise import Wise
