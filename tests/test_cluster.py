@@ -57,8 +57,10 @@ def _ray(local, tiny_model_dirs, out, **kw):
 @pytest.fixture(scope="module")
 def interrupted_then_resumed(cluster, local, tiny_model_dirs, tmp_path_factory):
     """One scenario, two Ray runs (each run starts two actors, the suite's dearest step): the driver is interrupted
-    after one stored unit; the rerun resumes, and one of its workers is killed after its first result, while a unit
-    is still to be sent (so the dead worker is found whether it was busy or idle)."""
+    after one stored unit; the rerun resumes, and the worker that delivered its first result is killed while idle,
+    with a unit still to be sent to it. Killing the other, busy worker instead would race: its unit may already be
+    finished when the kill lands, and then nothing is lost (CI saw that once). The idle one deterministically gets the
+    next unit, which fails with the dead actor and must be rerun on a replacement."""
     out = tmp_path_factory.mktemp("ray") / "cell.jsonl"
 
     def stop(ev):
@@ -72,9 +74,9 @@ def interrupted_then_resumed(cluster, local, tiny_model_dirs, tmp_path_factory):
     killed = []
 
     def kill_one(ev):
-        if not killed:  # after the rerun's first stored unit, kill a worker (busy or idle)
-            killed.append(ev["actors"][0])
-            ray.kill(ev["actors"][0], no_restart=True)
+        if not killed:  # after the rerun's first stored unit, kill the worker that just went idle
+            killed.append(ev["actor"])
+            ray.kill(ev["actor"], no_restart=True)
 
     res = _ray(local, tiny_model_dirs, out, on_result=kill_one)
     return {"out": out, "res": res, "killed": killed, "file_after_interrupt": file_after_interrupt}
