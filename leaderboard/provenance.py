@@ -29,15 +29,34 @@ def git_commit(cwd: str | Path = ".") -> dict[str, Any]:
     return {"commit": sha, "dirty": bool(status) if status is not None else None}
 
 
-def read_dvc_lock(path: str | Path | None) -> dict:
-    """The parsed dvc.lock, or ``{}`` when there is none (a fresh clone before ``dvc repro``)."""
-    if path is None or not Path(path).is_file():
+def read_dvc_lock(path: str | Path | Iterable[str | Path] | None, root: str | Path = ".") -> dict:
+    """The parsed dvc.lock, or ``{}`` when there is none (a fresh clone before ``dvc repro``).
+
+    Several lock files (the default pipeline's and ``pipelines/editors/dvc.lock``) merge into one mapping: a stage
+    of a lock file below ``root`` is named as DVC addresses it (``pipelines/editors/dvc.yaml:memit_family@pmet``),
+    and each stage records its ``lock`` file. Output paths stay as written: every stage of this repository runs with
+    the repository root as its working directory (``wdir: ../..``), so they are root-relative in every lock."""
+    if path is None:
         return {}
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a dvc.lock mapping; delete it and rerun `dvc repro`")
-    return data
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    merged: dict = {"stages": {}}
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            continue
+        with open(p, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict) or not isinstance(data.get("stages") or {}, dict):
+            raise ValueError(f"{p}: not a dvc.lock mapping; delete it and rerun `dvc repro`")
+        try:
+            rel = _norm(p.resolve().relative_to(Path(root).resolve()))
+        except ValueError:  # a lock outside the checkout: named as given, its stages as the root's
+            rel = _norm(p)
+        where = _norm(Path(rel).parent) if not Path(rel).is_absolute() else "."
+        prefix = "" if where == "." else f"{where}/dvc.yaml:"
+        for name, st in (data.get("stages") or {}).items():
+            merged["stages"][prefix + name] = dict(st or {}, lock=rel)
+    return merged if merged["stages"] else {}
 
 
 def _norm(p: str | Path) -> str:
@@ -69,6 +88,7 @@ def stage_of_output(lock: Mapping, result_file: str | Path, root: str | Path = "
                 actual = md5_file(Path(root) / rel) if (Path(root) / rel).is_file() else None
                 return {
                     "stage": name,
+                    "lock": st.get("lock", "dvc.lock"),
                     "cmd": st.get("cmd"),
                     "deps": [{k: d.get(k) for k in ("path", "md5", "size", "nfiles") if d.get(k) is not None}
                              for d in st.get("deps") or []],

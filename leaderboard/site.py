@@ -140,7 +140,7 @@ class SiteData:
 
 
 def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path | None = None,
-            paper_csv: str | Path | None = None, dvc_lock: str | Path | None = None,
+            paper_csv: str | Path | None = None, dvc_lock: str | Path | list | None = None,
             params: Mapping | None = None, card: Mapping | None = None, git: Mapping | None = None,
             protocols: Iterable[str] = ("paper", "lm-eval"), on_invalid: str = "error",
             dataset_cases: Mapping[str, str] | None = None, root: str | Path = ".",
@@ -154,7 +154,7 @@ def collect(result_files: Iterable[str | Path], *, submissions_dir: str | Path |
     log = log or (lambda msg: None)
     protocols = [get_protocol(p).id for p in protocols]
     git = dict(git) if git is not None else prov.git_commit(root)
-    lock = prov.read_dvc_lock(dvc_lock)
+    lock = prov.read_dvc_lock(dvc_lock, root)  # one lock file or several (prov.read_dvc_lock)
     version = (card or {}).get("version") or ((params or {}).get("data") or {}).get("version")
     content_id = (card or {}).get("content_id")
     datasets = {version: content_id} if version and content_id else {}

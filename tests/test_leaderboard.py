@@ -191,17 +191,24 @@ def test_cell_page_provenance_and_drilldown(tmp_path, monkeypatch):
         "deps": [{"path": "data/paper-v1/cases.jsonl", "hash": "md5", "md5": "7cb5cbabc49fffac635f8da8076e97fd",
                   "size": 2326973}],
         "params": {"params.yaml": {"profiles.paper.batch_size": 64}},
-        "outs": [{"path": "results/rome.jsonl", "hash": "md5", "md5": md5, "size": 1},
-                 {"path": "results/rome+sadr.jsonl", "hash": "md5", "md5": "0" * 32, "size": 1}]}}}))
-    data = build_site(files, tmp_path / "site", params=PARAMS, card=CARD, git=GIT, dvc_lock=lock, root=tmp_path)
+        "outs": [{"path": "results/rome.jsonl", "hash": "md5", "md5": md5, "size": 1}]}}}))
+    # the optional editors' pipeline keeps its own lock; its stages run at the root (wdir ../..)
+    (tmp_path / "pipelines" / "editors").mkdir(parents=True)
+    (tmp_path / "pipelines" / "editors" / "dvc.lock").write_text(json.dumps({"schema": "2.0", "stages": {
+        "memit_family@rome+sadr": {"cmd": "driftbench run-cell -p paper -c rome+sadr", "deps": [], "params": {},
+                                   "outs": [{"path": "results/rome+sadr.jsonl", "md5": "0" * 32, "size": 1}]}}}))
+    data = build_site(files, tmp_path / "site", params=PARAMS, card=CARD, git=GIT, root=tmp_path,
+                      dvc_lock=[lock, tmp_path / "pipelines" / "editors" / "dvc.lock", tmp_path / "absent.lock"])
     rome = next(e for e in data.entries if e.cell == "paper/gpt-j-6b/rome")
     page = (tmp_path / "site" / rome.href).read_text()
     for text in ("cell@rome", "driftbench run-cell -p paper -c rome", "7cb5cbabc49fffac635f8da8076e97fd",
                  "profiles.paper.batch_size", GIT["commit"], "db5bf212e166e86f", "2.13.0+cpu", "5.23.0", "float32",
-                 "matches dvc.lock", '"v_lr": 0.5'):
+                 "matches <code>dvc.lock</code>", '"v_lr": 0.5'):
         assert text in html.unescape(page), text
     sadr = next(e for e in data.entries if e.cell == "paper/gpt-j-6b/rome+sadr")
-    assert "differs from dvc.lock" in (tmp_path / "site" / sadr.href).read_text()
+    sadr_page = html.unescape((tmp_path / "site" / sadr.href).read_text())
+    assert "pipelines/editors/dvc.yaml:memit_family@rome+sadr" in sadr_page
+    assert "differs from <code>pipelines/editors/dvc.lock</code>" in sadr_page
     assert ("b-warn", "changed since dvc.lock") == sadr.badges[-1][:2]
     # per-case drill-down data embedded as JSON, and the same numbers as CSV
     blob = re.search(r'<script type="application/json" id="case-data">(.*?)</script>', page, re.S).group(1)

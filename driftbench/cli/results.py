@@ -9,6 +9,8 @@ from basis.cells import parse_cell
 from basis.params import get_profile
 from driftbench.cli.common import _dataset_identity, _profile_cases, _result_files, _subset_cases
 
+# the lock files a leaderboard reads provenance from: the default run's and the optional editors' pipeline
+DVC_LOCKS = ("dvc.lock", "pipelines/editors/dvc.lock")
 
 
 def cmd_aggregate(args, params):
@@ -66,7 +68,7 @@ def cmd_leaderboard(args, params):
     card, _, cases = _dataset_identity(params, need_card=False)
     try:
         data = build_site(sorted(set(files)), Path(args.out), submissions_dir=Path(args.submissions),
-                          paper_csv=paper, dvc_lock=Path(args.dvc_lock), params=params, card=card,
+                          paper_csv=paper, dvc_lock=[Path(x) for x in (args.dvc_lock or DVC_LOCKS)], params=params, card=card,
                           git=git_commit("."), on_invalid="skip" if args.skip_invalid else "error",
                           profile_cases=_profile_cases(params),
                           diagnosis=[] if args.no_profile else [(profile.name, m, profile.results_dir(m))
@@ -370,7 +372,8 @@ def register(sub, add, with_profile) -> None:
     lb.add_argument("--paper-csv", default=None,
                     help="the paper's reported numbers (default: paper_reported.csv of the data mirror)")
     lb.add_argument("--no-paper", action="store_true", help="leave the paper's reported rows out")
-    lb.add_argument("--dvc-lock", default="dvc.lock", help="dvc.lock to read provenance from (default: dvc.lock)")
+    lb.add_argument("--dvc-lock", action="append", default=None, metavar="PATH",
+                    help="a dvc.lock to read provenance from (repeatable; default: " + " and ".join(DVC_LOCKS) + ")")
     lb.add_argument("--skip-invalid", action="store_true",
                     help="leave invalid submission bundles out (listed on the page) instead of failing")
     lb.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
