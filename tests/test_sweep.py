@@ -99,7 +99,7 @@ def test_sweep_on_held_out_cases_with_a_tiny_model(tmp_path, mirror, tiny_model_
     argv = ["sweep", "-c", "rome", "--vary", "layer=0,1", "--cases", "2", "--seed", "5", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    sweep = tmp_path / "results/embedded/tiny/sweep"
+    sweep = tmp_path / "results/embedded/tiny/sweep/held-out-2-s5"  # not the default set: a folder of its own
     summary = json.loads((sweep / "sweep.json").read_text())
     reported = json.loads((tmp_path / "data/subsets/embedded.json").read_text())["case_ids"]
     assert summary["n_cases"] == 2 and not set(summary["case_ids"]) & set(reported)
@@ -119,6 +119,10 @@ def test_sweep_on_held_out_cases_with_a_tiny_model(tmp_path, mirror, tiny_model_
     assert main(argv) == 0
     assert {p.name: p.read_bytes() for p in sweep.glob("*.jsonl") if "timings" not in p.name} == before
     assert all(len(p.read_text().splitlines()) == 2 for p in sweep.glob("*.timings.jsonl"))
+    # another held-out set in the same folder would replace its pre rows: refused before anything is written
+    assert main(argv[:-5] + ["--cases", "1", "--seed", "5", "--out", str(sweep), "--no-progress"]) == 2
+    assert "holds 2 other held-out cases than the 1 asked for" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in sweep.glob("*.jsonl") if "timings" not in p.name} == before
 
 
 def test_code_identity_follows_the_code_and_plugins(tmp_path, monkeypatch):

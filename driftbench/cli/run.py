@@ -184,6 +184,9 @@ def cmd_train_mend(args, params):
           f"(last), locality KL {first['loc_kl']:.4f} -> {last['loc_kl']:.4f}, {meta['skipped']} steps skipped")
 
 
+SWEEP_CASES, SWEEP_SEED = 8, 7  # the default held-out set of `driftbench sweep` (its rows live in sweep/)
+
+
 def cmd_sweep(args, params):
     """Sweep hyper-parameters of one cell on held-out cases (never the profile's reported subset)."""
     from data_pipeline.dataset import load_cases
@@ -202,6 +205,8 @@ def cmd_sweep(args, params):
     by_id = {c.case_id: c for c in cases}
     name, model, tok = _load(profile, args.model)
     out_dir = Path(args.out) if args.out else profile.results_dir(name) / "sweep"
+    if not args.out and (args.cases, args.seed) != (SWEEP_CASES, SWEEP_SEED):
+        out_dir = out_dir / f"held-out-{args.cases}-s{args.seed}"  # never mixed with the default set's rows
     model_id = _model_id(profile, name)
     if args.perturb:
         from model_layer.checksum import perturb_weights
@@ -306,9 +311,12 @@ def register(sub, add, with_profile) -> None:
     sw.add_argument("-c", "--cell", required=True, help="editor, with '+sadr' for the SADR variant (e.g. rome+sadr)")
     sw.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
                     help="hparam values to try on top of the profile's (repeatable; the grid is their product)")
-    sw.add_argument("--cases", type=int, default=8, help="held-out cases, balanced over sources (default 8)")
-    sw.add_argument("--seed", type=int, default=7, help="seed of the held-out order (default 7)")
-    sw.add_argument("--out", default=None, help="output folder (default results/<profile>/<model>/sweep)")
+    sw.add_argument("--cases", type=int, default=SWEEP_CASES,
+                    help=f"held-out cases, balanced over sources (default {SWEEP_CASES})")
+    sw.add_argument("--seed", type=int, default=SWEEP_SEED, help=f"seed of the held-out order (default {SWEEP_SEED})")
+    sw.add_argument("--out", default=None,
+                    help="output folder (default results/<profile>/<model>/sweep, or its subfolder "
+                         "held-out-<cases>-s<seed> for another held-out set: one folder per set of cases)")
     sw.add_argument("--perturb", type=float, default=0.0, metavar="REL",
                     help="multiply every weight by (1 + REL·z), z ~ N(0,1) seeded, before the sweep (e.g. 1e-6), to "
                          "measure how far results move on numerics alone; rows go to sweep/perturb-REL-sSEED/")
