@@ -62,7 +62,6 @@ def run_sweep(model, tok, *, profile: str, model_name: str, editor: str, sadr: b
 
     out_dir = Path(out_dir)
     pre_path = out_dir / "pre.jsonl"
-    check_case_set(pre_path, [c.case_id for c in cases])
     run_pre(model, tok, model_name, content_id, cases, pre_path, batch_size=batch_size, progress=progress,
             model_id=model_id)
     cell = str(CellName(editor, sadr))
@@ -72,19 +71,6 @@ def run_sweep(model, tok, *, profile: str, model_name: str, editor: str, sadr: b
         run_cell(model, tok, spec, content_id, cases, pre_path, out_dir / f"{config_name(cell, over)}.jsonl",
                  batch_size=batch_size, progress=progress, model_id=model_id)
     return summarise(out_dir)
-
-
-def check_case_set(pre_path: Path, case_ids: list[str]) -> None:
-    """Refuse, before anything is written, to sweep a folder whose pre-edit rows are of other held-out cases: every
-    configuration of a folder is tabulated against its one pre.jsonl, and a smaller --cases would replace it."""
-    from basis.errors import UserError
-
-    if not pre_path.is_file():
-        return
-    have = {r.get("case_id") for r in read_jsonl(pre_path) if isinstance(r, dict)}
-    if have != set(case_ids):
-        raise UserError(f"{pre_path}: this sweep folder holds {len(have)} other held-out cases than the {len(case_ids)} "
-                        "asked for (another --cases or --seed); pass --out to sweep them in a folder of their own")
 
 
 def summarise(out_dir: Path) -> dict:

@@ -187,6 +187,19 @@ def cmd_train_mend(args, params):
 SWEEP_CASES, SWEEP_SEED = 8, 7  # the default held-out set of `driftbench sweep` (its rows live in sweep/)
 
 
+def _check_case_set(pre_path: Path, case_ids: list[str]) -> None:
+    """Refuse to sweep a folder whose pre-edit rows are of other held-out cases: every configuration of a folder is
+    tabulated against its one pre.jsonl, and a smaller --cases would replace it."""
+    from basis.io import read_jsonl
+
+    if not pre_path.is_file():
+        return
+    have = {r.get("case_id") for r in read_jsonl(pre_path) if isinstance(r, dict)}
+    if have != set(case_ids):
+        raise UserError(f"{pre_path}: this sweep folder holds {len(have)} other held-out cases than the {len(case_ids)} "
+                        "asked for (another --cases or --seed); pass --out to sweep them in a folder of their own")
+
+
 def cmd_sweep(args, params):
     """Sweep hyper-parameters of one cell on held-out cases (never the profile's reported subset)."""
     from data_pipeline.dataset import load_cases
@@ -203,10 +216,12 @@ def cmd_sweep(args, params):
     reported = [c.case_id for c in _subset_cases(params, profile)]
     ids = held_out(cases, args.cases, args.seed, exclude=reported)
     by_id = {c.case_id: c for c in cases}
-    name, model, tok = _load(profile, args.model)
+    name = profile.model(args.model)[0]
     out_dir = Path(args.out) if args.out else profile.results_dir(name) / "sweep"
     if not args.out and (args.cases, args.seed) != (SWEEP_CASES, SWEEP_SEED):
         out_dir = out_dir / f"held-out-{args.cases}-s{args.seed}"  # never mixed with the default set's rows
+    _check_case_set(out_dir / "pre.jsonl", ids)  # before the model loads or anything is written
+    name, model, tok = _load(profile, args.model)
     model_id = _model_id(profile, name)
     if args.perturb:
         from model_layer.checksum import perturb_weights
