@@ -364,6 +364,9 @@ def test_the_extra_editors_pipeline_runs_exactly_the_profiles_extra_cells_with_e
     training = stages.pop("train_mend")  # MEND's checkpoints, one stage each, the cells depend on both folders
     assert sorted(training["foreach"]) == ["mend", "mend+sadr"]
     assert training["do"]["cmd"].startswith("driftbench train-mend -p embedded ${item.flag}")
+    # DVC decides when the checkpoint is stale (code, cases, params): the stage must retrain then, not keep the
+    # persisted file of the same recipe name
+    assert "--force" in training["do"]["cmd"].split()
     outs = [next(iter(o)) for o in training["do"]["outs"]]
     assert outs == ["checkpoints/smollm2-135m/${key}"]
     for dep in ("checkpoints/smollm2-135m/mend", "checkpoints/smollm2-135m/mend+sadr"):
