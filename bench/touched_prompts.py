@@ -10,19 +10,20 @@ rate: which prompts the side memory reached.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from basis.io import read_jsonl  # noqa: E402  (strict JSONL: a bad line is named by file and line)
 
 
 def touched(path: Path) -> tuple[Counter, Counter]:
     """({task: prompts whose scores moved}, {task: prompts}) over every row of one cell file."""
     moved, total = Counter(), Counter()
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for no, row in enumerate(read_jsonl(path), 1):
         if "post" not in row or "pre" not in row:
             raise SystemExit(f"{path}:{no}: a row without 'pre' and 'post' scores; pass a cell's rows file")
         for task, post in row["post"].items():
